@@ -1,0 +1,377 @@
+"""lomo.py against independent references: torch.optim.SGD, an unfused AdaLomo, single-process runs."""
+import copy
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from conftest import ROOT
+from dist_utils import run_workers
+from lomo import LOMO, AdaLomo, stochastic_round_
+
+
+class TiedNet(nn.Module):
+    """A small net with 1-D and 2-D parameters, a tied weight (used twice) and a frozen one."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.inp = nn.Linear(6, 10)
+        self.hidden = nn.Linear(10, 10)
+        self.norm = nn.Parameter(torch.ones(10))
+        self.frozen = nn.Parameter(torch.randn(10), requires_grad=False)
+        self.out = nn.Linear(10, 3, bias=False)
+        self.to(dtype)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.hidden(h)) * self.norm + self.frozen
+        h = torch.tanh(self.hidden(h))  # tied: the same weight a second time
+        return self.out(h)
+
+
+def make_data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+
+
+def loss_fn(model, x, y):
+    return (model(x).float() - y).pow(2).mean()
+
+
+def assert_params_close(a, b, atol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kw", [{}, {"clip_grad_norm": 0.05}, {"clip_grad_value": 0.01}, {"weight_decay": 0.1},
+                                {"clip_grad_value": 0.02, "clip_grad_norm": 0.05, "weight_decay": 0.1}])
+def test_lomo_equals_sgd(kw):
+    torch.manual_seed(0)
+    model = TiedNet()
+    ref = copy.deepcopy(model)
+    opt = LOMO(model.parameters(), lr=0.1, **kw)
+    sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1,
+                          weight_decay=kw.get("weight_decay", 0.0))
+    for step in range(5):
+        x, y = make_data(seed=step)
+        info = opt.fused_backward(loss_fn(model, x, y))
+        loss_fn(ref, x, y).backward()
+        if "clip_grad_value" in kw:
+            torch.nn.utils.clip_grad_value_(ref.parameters(), kw["clip_grad_value"])
+        if "clip_grad_norm" in kw:
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), kw["clip_grad_norm"])
+            assert info.grad_norm == pytest.approx(norm.item(), rel=1e-5)
+        sgd.step()
+        sgd.zero_grad()
+        assert not info.skipped
+    assert_params_close(model, ref, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scheduler_drives_lr_without_warning():
+    torch.manual_seed(0)
+    model = TiedNet()
+    ref = copy.deepcopy(model)
+    opt = LOMO(model.parameters(), lr=0.2)
+    sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.2)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=4)
+    ref_sched = torch.optim.lr_scheduler.LinearLR(sgd, start_factor=1.0, end_factor=0.1, total_iters=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(4):
+            x, y = make_data(seed=step)
+            opt.fused_backward(loss_fn(model, x, y))
+            loss_fn(ref, x, y).backward()
+            sgd.step()
+            sgd.zero_grad()
+            sched.step()
+            ref_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.1)
+    assert_params_close(model, ref, atol=1e-6)
+
+
+def adalomo_reference(params, grads, states, step, lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                      weight_decay=0.0):
+    """AdaLomo written out unfused on whole tensors, following the paper's Algorithm 1 / the official code."""
+    beta = 1.0 - step ** decay_rate
+    for p, g, st in zip(params, grads, states):
+        g = g.double()
+        g2 = g * g + eps[0]
+        if g.dim() == 2:
+            st["r"] = beta * st.get("r", 0) + (1 - beta) * g2.mean(1)
+            st["c"] = beta * st.get("c", 0) + (1 - beta) * g2.mean(0)
+            v = torch.outer(st["r"], st["c"]) / st["r"].mean()
+        else:
+            st["v"] = beta * st.get("v", 0) + (1 - beta) * g2
+            v = st["v"]
+        u = g / v.sqrt()
+        u = u / max(1.0, (u.norm() / math.sqrt(u.numel())).item() / clip_threshold)
+        alpha = lr * max(eps[1], (p.double().norm() / math.sqrt(p.numel())).item())
+        p.copy_(p.double() * (1 - alpha * weight_decay) - alpha * u)
+
+
+@pytest.mark.parametrize("kw", [{}, {"weight_decay": 0.1, "clip_grad_norm": 0.05}])
+def test_adalomo_equals_unfused_reference(kw):
+    torch.manual_seed(0)
+    model = TiedNet()
+    ref = copy.deepcopy(model)
+    opt = AdaLomo(model.parameters(), lr=0.05, **kw)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    states = [{} for _ in params]
+    for step in range(1, 5):
+        x, y = make_data(seed=step)
+        opt.fused_backward(loss_fn(model, x, y))
+        loss_fn(ref, x, y).backward()
+        if "clip_grad_norm" in kw:
+            torch.nn.utils.clip_grad_norm_(params, kw["clip_grad_norm"])
+        with torch.no_grad():
+            adalomo_reference(params, [p.grad for p in params], states, step, lr=0.05,
+                              weight_decay=kw.get("weight_decay", 0.0))
+        for p in params:
+            p.grad = None
+    assert_params_close(model, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: LOMO(ps, lr=0.1), lambda ps: LOMO(ps, lr=0.1, clip_grad_norm=1.0),
+                                      lambda ps: AdaLomo(ps, lr=0.1)])
+def test_at_most_one_gradient_alive(make_opt):
+    model = TiedNet()
+    params = [p for p in model.parameters() if p.requires_grad]
+    live_counts = []
+    # Registered before the optimizer's hooks, so it runs first: the current gradient is still alive here.
+    for p in params:
+        p.register_post_accumulate_grad_hook(
+            lambda p: live_counts.append(sum(q.grad is not None for q in params)))
+    opt = make_opt(model.parameters())
+    x, y = make_data()
+    opt.fused_backward(loss_fn(model, x, y))
+    assert live_counts and max(live_counts) == 1
+    assert all(p.grad is None for p in model.parameters())
+    # One hook call per parameter and pass (the tied weight's two uses give one call with the summed gradient).
+    assert len(live_counts) == len(params) * (2 if opt.check_pass else 1)
+
+
+def test_frozen_parameter_untouched():
+    model = TiedNet()
+    before = model.frozen.clone()
+    opt = LOMO(model.parameters(), lr=0.1)
+    opt.fused_backward(loss_fn(model, *make_data()))
+    assert torch.equal(model.frozen, before) and model.frozen.grad is None
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def inject_inf(model):
+    """Make the gradient flowing out of model.out into the layers below infinite; model.out's own is finite."""
+    return model.out.register_full_backward_hook(lambda m, grad_in, grad_out: (torch.full_like(grad_in[0], math.inf),))
+
+
+def test_fp16_overflow_skips_whole_step_and_scale_recovers():
+    torch.manual_seed(0)
+    model = TiedNet(torch.float16)
+    opt = LOMO(model.parameters(), lr=0.01, loss_scale=1024.0, loss_scale_window=2)
+    x, y = make_data()
+    before = snapshot(model)
+    handle = inject_inf(model)
+    info = opt.fused_backward(loss_fn(model, x.half(), y))
+    handle.remove()
+    assert info.skipped and info.loss_scale == 1024.0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))  # bit-identical
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.loss_scale == 512.0
+    for _ in range(2):
+        assert not opt.fused_backward(loss_fn(model, x.half(), y)).skipped
+    assert opt.loss_scale == 1024.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
+
+
+def test_nonfinite_loss_skips_step():
+    model = TiedNet()
+    before = snapshot(model)
+    opt = AdaLomo(model.parameters(), lr=0.1)
+    info = opt.fused_backward(loss_fn(model, *make_data()) * math.nan)
+    assert info.skipped and "loss" in info.reason
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_nonfinite_gradient_single_pass_stops_and_check_pass_protects(check_finite):
+    model = TiedNet(torch.bfloat16)
+    before = snapshot(model)
+    opt = LOMO(model.parameters(), lr=0.1, check_finite=check_finite)
+    handle = inject_inf(model)  # model.out's own gradient is finite: it comes first and is applied
+    x, y = make_data()
+    info = opt.fused_backward(loss_fn(model, x.bfloat16(), y))
+    handle.remove()
+    assert info.skipped and "non-finite gradient" in info.reason
+    assert all(p.grad is None for p in model.parameters())
+    after = snapshot(model)
+    assert all(torch.isfinite(p).all() for p in after)
+    out_changed = not torch.equal(before[-1], after[-1])
+    assert out_changed == (not check_finite)
+    assert torch.equal(before[0], after[0])  # the first layer's gradient comes last: never applied
+
+
+def test_stochastic_rounding_is_unbiased():
+    ulp = 2.0 ** -7  # bf16 spacing in [1, 2)
+    for target in (1.0 + 0.3 * ulp, -(1.0 + 0.8 * ulp)):
+        src = torch.full((200_000,), target)
+        dst = stochastic_round_(torch.empty(200_000, dtype=torch.bfloat16), src)
+        assert set(dst.float().abs().unique().tolist()) == {1.0, 1.0 + ulp}
+        assert dst.double().mean().item() == pytest.approx(target, abs=0.01 * ulp)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_bf16_tiny_updates_need_stochastic_rounding(stochastic):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    opt = LOMO([w], lr=1e-3, stochastic_rounding=stochastic)  # update 1e-3 < half an ulp (3.9e-3)
+    for _ in range(100):
+        opt.fused_backward(w.float().pow(2).sum() / 2)  # gradient = w, target 0
+    moved = 1.0 - w.float().mean().item()
+    if stochastic:
+        assert moved == pytest.approx(1 - (1 - 1e-3) ** 100, rel=0.1)  # about 0.095, as in exact arithmetic
+    else:
+        assert moved == 0.0
+
+
+def test_state_dict_resumes_exactly():
+    def run(steps, resume_at=None):
+        torch.manual_seed(0)
+        model = TiedNet(torch.float16)
+        opt = AdaLomo(model.parameters(), lr=0.05, loss_scale_window=2)
+        for step in range(steps):
+            if step == resume_at:
+                state = copy.deepcopy(opt.state_dict())
+                opt = AdaLomo(model.parameters(), lr=0.05, loss_scale_window=2)
+                opt.load_state_dict(state)
+            opt.fused_backward(loss_fn(model, make_data(seed=step)[0].half(), make_data(seed=step)[1]))
+        return model, opt
+
+    (a, opt_a), (b, opt_b) = run(5), run(5, resume_at=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert opt_a.loss_scale == opt_b.loss_scale == 2.0 ** 18
+    assert all(v.dtype == torch.float32 for s in opt_b.state.values() for v in s.values())
+
+
+def test_bad_arguments_name_the_argument():
+    model = TiedNet()
+    with pytest.raises(ValueError, match="lr"):
+        LOMO(model.parameters(), lr=0)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        LOMO(model.parameters(), lr=0.1, clip_grad_norm=0)
+    with pytest.raises(ValueError, match="clip_grad_value"):
+        AdaLomo(model.parameters(), lr=0.1, clip_grad_value=-1)
+    with pytest.raises(ValueError, match="params"):
+        LOMO([nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)], lr=0.1)
+    opt = LOMO(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        loss = loss_fn(model, *make_data())
+    with pytest.raises(ValueError, match="loss"):
+        opt.fused_backward(loss)
+
+
+def test_import_from_a_lone_copy(tmp_path):
+    shutil.copy(os.path.join(ROOT, "lomo.py"), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", "import lomo; lomo.LOMO; lomo.AdaLomo"], cwd=tmp_path, env=env,
+                   check=True)
+
+
+# ---- distributed: row shards over 2 gloo processes -------------------------------------------------------
+
+def _row_shards(model, rank, world):
+    """This rank's rows (dim 0, uneven, unpadded) of every trainable parameter, as new leaf tensors."""
+    return [nn.Parameter(p.detach().tensor_split(world, dim=0)[rank].clone())
+            for p in model.parameters() if p.requires_grad]
+
+
+def _gather_rows(shard, world):
+    """All ranks' rows of a parameter (gloo needs equal sizes: pad to the largest piece, then trim)."""
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([shard.shape[0]]))
+    longest = max(int(n) for n in sizes)
+    padded = torch.cat([shard.detach(), shard.new_zeros((longest - shard.shape[0],) + shard.shape[1:])])
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    return [piece[:int(n)] for piece, n in zip(pieces, sizes)]
+
+
+def _sharded_worker(rank, world, opt_name, kw):
+    torch.manual_seed(0)
+    model = TiedNet()
+    ref = copy.deepcopy(model)
+    Opt = {"lomo": LOMO, "adalomo": AdaLomo}[opt_name]
+    ref_opt = Opt(ref.parameters(), lr=0.05, **kw)
+    shards = _row_shards(model, rank, world)
+    opt = Opt(shards, lr=0.05, process_group=dist.group.WORLD, **kw)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for step in range(4):
+        x, y = make_data(seed=step)
+        ref_opt.fused_backward(loss_fn(ref, x, y))
+        # Build the full weights: other ranks' rows as constants, ours as the leaf, so autograd routes
+        # exactly our rows of the full gradient into our shard.
+        full = {}
+        for name, shard in zip(names, shards):
+            pieces = _gather_rows(shard, world)
+            pieces[rank] = shard
+            full[name] = torch.cat(pieces)
+        loss = loss_fn(lambda inp: torch.func.functional_call(model, full, (inp,)), x, y)
+        opt.fused_backward(loss)
+    for name, shard, p in zip(names, shards, [p for p in ref.parameters() if p.requires_grad]):
+        torch.testing.assert_close(torch.cat(_gather_rows(shard, world)), p, atol=1e-6, rtol=0, msg=name)
+
+
+def _sharded_configs(rank, world):
+    # One set of processes for all configurations: starting them is the slow part.
+    for opt_name, kw in [("adalomo", {}), ("adalomo", {"clip_grad_norm": 0.05, "weight_decay": 0.1}),
+                         ("lomo", {"clip_grad_norm": 0.05, "clip_grad_value": 0.02})]:
+        _sharded_worker(rank, world, opt_name, kw)
+
+
+def test_row_sharded_equals_unsharded():
+    run_workers(_sharded_configs)
+
+
+def _fsdp2_worker(rank, world, opt_name):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3))
+    ref = copy.deepcopy(model)
+    Opt = {"lomo": LOMO, "adalomo": AdaLomo}[opt_name]
+    ref_opt = Opt(ref.parameters(), lr=0.05)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = Opt(model.parameters(), lr=0.05, process_group=mesh.get_group())
+    for step in range(3):
+        x, y = make_data(n=8, seed=step)
+        ref_opt.fused_backward((ref(x) - y).pow(2).mean())
+        local = slice(rank * 4, rank * 4 + 4)  # FSDP2 averages gradients over ranks: equal halves of the batch
+        info = opt.fused_backward((model(x[local]) - y[local]).pow(2).mean())
+        assert not info.skipped
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is None
+        torch.testing.assert_close(p.full_tensor(), q, atol=1e-6, rtol=0, msg=name)
+
+
+def _fsdp2_both(rank, world):
+    for opt_name in ("lomo", "adalomo"):
+        _fsdp2_worker(rank, world, opt_name)
+
+
+def test_fsdp2_equals_single_process():
+    run_workers(_fsdp2_both)
