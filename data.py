@@ -263,15 +263,15 @@ def load_task(task: str, data_dir: str, split: str) -> list[Example]:
 
 def synthetic_task(n: int, seed: int) -> list[Example]:
     """Yes/no comparisons of two distinct digits ("Is 7 greater than 3? Yes or No?"), task 'synthetic'.
-    180 distinct prompts, about half of them 'Yes': small enough for a tiny model to learn in a minute on CPU."""
+    90 distinct prompts, half of them 'Yes'. A tiny model learns it with LOMO in about a minute on a CPU (after a
+    plateau at chance of about 1000 steps). Mixing in "less than" questions makes every single digit
+    uninformative on its own, and plain SGD then stays at chance far longer."""
     rng = random.Random(seed)
     examples = []
     for i in range(n):
         a, b = rng.sample(range(10), 2)
-        relation = rng.choice(["greater", "less"])
-        truth = a > b if relation == "greater" else a < b
-        examples.append(Example("synthetic", i, f"Is {a} {relation} than {b}? Yes or No?\nAnswer: ", "", "",
-                                YES_NO, int(truth)))
+        examples.append(Example("synthetic", i, f"Is {a} greater than {b}? Yes or No?\nAnswer: ", "", "",
+                                YES_NO, int(a > b)))
     return examples
 
 

@@ -1,0 +1,88 @@
+"""The memory and communication plan of one training step, per rank: what `train.py --dry-run` prints.
+
+These are estimates from the model's shapes (built on the 'meta' device, nothing allocated); bench.py measures.
+Memory is in GiB (2^30 bytes), as in the paper's Table 1 (which writes GB for GiB).
+"""
+from model import ModelArgs, param_shapes
+
+GiB = 2 ** 30
+PAPER_TABLE_1 = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}  # LLaMA-7B, GiB
+
+
+def sizes(margs: ModelArgs) -> dict:
+    """Element counts: the whole model, its largest tensor, and the largest unit of each sharding choice."""
+    shapes = {name: s.numel() for name, s in param_shapes(margs).items()}
+    block = sum(n for name, n in shapes.items() if name.startswith("layers.0."))
+    embed, head = shapes["tok_embeddings.weight"], shapes["norm.weight"] + shapes["output.weight"]
+    return {"total": sum(shapes.values()), "largest": max(shapes.values()),
+            "unit": {"block": max(block, embed, head), "linear": max(shapes.values())},
+            "adalomo_state": sum(s[0] + s[1] if len(s) == 2 else s[0] for s in param_shapes(margs).values())}
+
+
+def activations(margs: ModelArgs, batch: int, seq_len: int, nbytes: int) -> float:
+    """Bytes of activations with per-block activation checkpointing: every block's saved input, one block's
+    recomputed activations during its backward, and the logits with their fp32 loss and gradient."""
+    tokens = batch * seq_len
+    kv_dim = margs.kv_heads * margs.head_dim
+    saved_inputs = margs.n_layers * tokens * margs.dim * nbytes
+    one_block = tokens * (nbytes * (9 * margs.dim + 4 * kv_dim + 4 * margs.hidden_dim) + 4 * (5 * margs.dim + kv_dim))
+    logits = tokens * margs.vocab_size * (2 * nbytes + 12)
+    return saved_inputs + one_block + logits
+
+
+def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit="block", sharding="own",
+         check_pass=False) -> dict:
+    """Per-rank GiB of parameters, gradients, optimizer state, activations and gathered units; collective bytes.
+
+    world == 1: no sharding. LOMO keeps one gradient alive (the largest tensor's). sgd / adamw keep every
+    gradient, plus fp32 master weights (4 bytes / param) and, for AdamW, two fp32 moments (8 more), over 16-bit
+    weights. Sharded: everything persistent is divided by the world size; a rank also holds the full weights of
+    the unit being computed (and the prefetched next one, with block units) and that unit's full gradients.
+    Collectives per rank and step (ring algorithms send (W-1)/W of the data): block units are gathered in the
+    forward and again in each backward pass, and reduce-scattered in each backward pass; linear units are
+    gathered once more per backward pass, for the block's recompute. clip_grad_norm and fp16 add a pass.
+    """
+    s, P, W = sizes(margs), sizes(margs)["total"], world
+    master = 4 if nbytes < 4 else 0
+    state = {"lomo": 0, "adalomo": 4 * s["adalomo_state"], "sgd": master * P, "adamw": (master + 8) * P}[optimizer]
+    fused = optimizer in ("lomo", "adalomo")
+    unit_numel = s["unit"]["block" if sharding == "fsdp2" else unit]
+    if W == 1:
+        grads, gathered = (s["largest"] if fused else P) * nbytes, 0
+    else:
+        grads = (unit_numel + (0 if fused else P / W)) * nbytes
+        gathered = (2 if unit == "block" or sharding == "fsdp2" else 1) * unit_numel * nbytes
+    passes = 2 if check_pass and fused else 1
+    gathers_per_pass = 2 if unit == "linear" and sharding == "own" else 1
+    sends = 0 if W == 1 else (1 + passes * (gathers_per_pass + 1)) * P * nbytes * (W - 1) / W
+    row = {"params": P * nbytes / W, "grads": grads, "optimizer_state": state / W,
+           "activations": activations(margs, batch, seq_len, nbytes), "gathered": gathered}
+    row = {k: v / GiB for k, v in row.items()}
+    row["total"] = sum(row.values())
+    row["sent_gib_per_step"] = sends / GiB
+    return row
+
+
+def print_plan(args):
+    """The --dry-run report for train.py's arguments."""
+    margs = ModelArgs.from_name(args.model)
+    nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype or "bf16"]
+    check = bool(args.clip_grad_norm) or args.dtype == "fp16"
+    common = dict(batch=args.batch_size, seq_len=args.max_len, nbytes=nbytes, check_pass=check)
+    print(f"model {args.model}: {sizes(margs)['total']:,} parameters; {args.dtype or 'bf16'}, batch {args.batch_size}"
+          f" x {args.max_len} tokens per rank, {args.world_size} rank(s). Estimates per rank, GiB:")
+    cols = ("params", "grads", "optimizer_state", "activations", "gathered", "total", "sent_gib_per_step")
+    header = f"{'':>16}" + "".join(f"{c.replace('_gib_per_step', '/step').replace('optimizer_', 'opt '):>12}" for c in cols)
+    if args.world_size == 1:
+        print(header)
+        for opt in ("adamw", "sgd", "lomo", "adalomo"):
+            row = plan(margs, opt, 1, **common)
+            paper = f"   paper: {PAPER_TABLE_1[opt]}" if args.model == "7b" and opt in PAPER_TABLE_1 else ""
+            print(f"{opt:>16}" + "".join(f"{row[c]:>12.2f}" for c in cols) + paper)
+        return
+    print(f"optimizer {args.optimizer}; 'fits' means total <= --gpu-gib {args.gpu_gib}\n" + header)
+    for sharding, unit in (("own", "block"), ("own", "linear"), ("fsdp2", "block")):
+        row = plan(margs, args.optimizer, args.world_size, unit=unit, sharding=sharding, **common)
+        fits = "fits" if row["total"] <= args.gpu_gib else "does NOT fit"
+        print(f"{sharding + ' / ' + unit:>16}" + "".join(f"{row[c]:>12.2f}" for c in cols) + f"   {fits}")
+

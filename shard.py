@@ -1,0 +1,272 @@
+"""ZeRO-3-style parameter sharding with plain torch.distributed collectives, and an FSDP2 alternative.
+
+Every parameter is cut by rows (dim 0) over the ranks, unpadded (`tensor_split` sizes): a rank's piece is an
+ordinary 2-D (or 1-D) leaf tensor, so lomo.py sees a row shard and reduces over the group where it must.
+Parameters are gathered in units (a whole transformer block, or each weight on its own) through one padded
+flat buffer per unit: one all-gather and one reduce-scatter serve the whole unit.
+
+One unit in one training step (see the README for the picture):
+    forward:  all-gather the unit -> compute -> free the full weights, keep only the unit's input
+    backward: all-gather again -> recompute with grad -> backward -> reduce-scatter the gradients (summed over
+              ranks) into this rank's rows -> autograd accumulates them into the shard -> lomo.py's hook updates
+              the shard and frees its gradient -> free the full weights and gradients
+The autograd Function `_GatherRun` does all of this, so lomo.py never learns that the model is sharded.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from model import Transformer, precompute_freqs_cis
+
+SHARD_UNITS = ("block", "linear")
+
+
+def all_gather(output, input, group=None, async_op=False):
+    """dist.all_gather_single on torch >= 2.13 (which deprecates the old name), all_gather_into_tensor before.
+    Looked up at call time, so that a byte counter (bench.py) can wrap either name."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter(output, input, group=None):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, op=dist.ReduceOp.SUM, group=group)
+
+
+def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of rank `rank`, as torch.tensor_split cuts them (the first rows % world ranks get one
+    more row)."""
+    base, extra = divmod(rows, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardedUnit(nn.Module):
+    """The row shards of one module's parameters. The full tensors exist only while the module runs.
+
+    `module` (usually on the 'meta' device) supplies the computation through torch.func.functional_call; it is
+    not registered as a child, so `parameters()` yields only the shards.
+    """
+
+    def __init__(self, module: nn.Module, prefix: str, group=None, device="cpu", dtype=torch.float32):
+        super().__init__()
+        object.__setattr__(self, "module", module)
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        named = list(module.named_parameters())
+        self.local_names = [n for n, _ in named]
+        self.names = [prefix + n for n in self.local_names]  # Meta checkpoint keys
+        self.shapes = [p.shape for _, p in named]
+        # ranges[r][i]: rows of parameter i held by rank r; numels[r][i]: its elements
+        self.ranges = [[row_range(s[0], r, self.world) for s in self.shapes] for r in range(self.world)]
+        numels = [[(b - a) * (s[1:].numel()) for (a, b), s in zip(rr, self.shapes)] for rr in self.ranges]
+        self.offsets = [[sum(n[:i]) for i in range(len(n))] for n in numels]
+        self.numels = numels
+        self.chunk = max(sum(n) for n in numels)  # per-rank size of the padded flat buffer
+        self.shards = nn.ParameterList(
+            nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
+            for (a, b), s in zip(self.ranges[self.rank], self.shapes))
+        self.next_unit = self.prev_unit = None  # prefetch order, set by ShardedTransformer
+        self._pending = None
+
+    def prefetch(self):
+        """Start this unit's all-gather without waiting for it."""
+        if self._pending is None:
+            flat = self._flat_shards()
+            out = flat.new_empty(self.world * self.chunk)
+            self._pending = (out, all_gather(out, flat, self.group, async_op=True))
+
+    def _flat_shards(self):
+        flat = self.shards[0].new_zeros(self.chunk)
+        for shard, offset in zip(self.shards, self.offsets[self.rank]):
+            flat[offset:offset + shard.numel()] = shard.detach().reshape(-1)
+        return flat
+
+    def gather(self) -> dict:
+        """The full parameters {local name: tensor}, from a prefetched all-gather if one is pending."""
+        self.prefetch()
+        out, work = self._pending
+        self._pending = None
+        work.wait()
+        out = out.view(self.world, self.chunk)
+        full = {}
+        for i, (name, shape) in enumerate(zip(self.local_names, self.shapes)):
+            pieces = [out[r, self.offsets[r][i]:self.offsets[r][i] + self.numels[r][i]] for r in range(self.world)]
+            full[name] = torch.cat(pieces).view(shape)
+        return full
+
+    def reduce_scatter(self, grads: list) -> list:
+        """Sum the full gradients over ranks; return this rank's rows of each, shaped like its shards."""
+        flat = grads[0].new_zeros(self.world, self.chunk)
+        for i, grad in enumerate(grads):
+            for r in range(self.world):
+                start, stop = self.ranges[r][i]
+                flat[r, self.offsets[r][i]:self.offsets[r][i] + self.numels[r][i]] = grad[start:stop].reshape(-1)
+        out = flat.new_empty(self.chunk)
+        reduce_scatter(out, flat.view(-1), self.group)
+        return [out[o:o + s.numel()].view(s.shape) for o, s in zip(self.offsets[self.rank], self.shards)]
+
+    def forward(self, *inputs):
+        return _GatherRun.apply(self, len(inputs), *inputs, *self.shards)
+
+
+class _GatherRun(torch.autograd.Function):
+    """Run a unit on its gathered weights, saving only its inputs; in backward gather again, recompute, and
+    reduce-scatter the weight gradients into the shards (the design of shared/design/sharded-step.md)."""
+
+    @staticmethod
+    def forward(ctx, unit, n_inputs, *args):
+        inputs = args[:n_inputs]
+        ctx.unit = unit
+        ctx.save_for_backward(*inputs)
+        full = unit.gather()
+        if unit.next_unit is not None:
+            unit.next_unit.prefetch()
+        return functional_call(unit.module, full, inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        unit = ctx.unit
+        inputs = [x.detach().requires_grad_(needs) for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        full = unit.gather()
+        if unit.prev_unit is not None:
+            unit.prev_unit.prefetch()
+        for t in full.values():
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            out = functional_call(unit.module, full, tuple(inputs))
+        wrt = [x for x in inputs if x.requires_grad] + list(full.values())
+        grads = list(torch.autograd.grad(out, wrt, grad_out))
+        del out, full
+        input_grads = iter(grads[:len(wrt) - len(unit.shards)])
+        shard_grads = unit.reduce_scatter(grads[len(wrt) - len(unit.shards):])
+        return (None, None, *[next(input_grads) if x.requires_grad else None for x in inputs], *shard_grads)
+
+
+class Head(nn.Module):
+    """The final norm and the output projection, as one unit: h (B, T, dim) -> logits (B, T, vocab) in fp32."""
+
+    def __init__(self, norm, output):
+        super().__init__()
+        self.norm, self.output = norm, output
+
+    def forward(self, h):
+        return self.output(self.norm(h)).float()
+
+
+class ShardedTransformer(nn.Module):
+    """The LLaMA of model.py with every parameter row-sharded over `group`.
+
+    unit="block": each transformer block is one unit (gathered twice per step: forward, backward) and the
+    next unit's all-gather is prefetched. unit="linear": each weight is its own unit, and each block runs under
+    activation checkpointing, so a weight is gathered three times per step (forward, recompute, backward),
+    with no prefetch. The embedding, and the final norm with the output head, are units in both cases.
+    """
+
+    def __init__(self, args, unit="block", group=None, device="cpu", dtype=torch.float32):
+        super().__init__()
+        if unit not in SHARD_UNITS:
+            raise ValueError(f"--shard-unit must be one of {SHARD_UNITS}, got {unit!r}")
+        self.args, self.unit = args, unit
+        with torch.device("meta"):
+            model = Transformer(args)
+        shard = lambda module, prefix: ShardedUnit(module, prefix, group, device, dtype)  # noqa: E731
+        self.embed = shard(model.tok_embeddings, "tok_embeddings.")
+        if unit == "block":
+            self.layers = nn.ModuleList(shard(layer, f"layers.{i}.") for i, layer in enumerate(model.layers))
+        else:
+            for i, layer in enumerate(model.layers):
+                for name, module in list(layer.named_modules()):
+                    if isinstance(module, nn.Linear) or name.endswith("norm"):
+                        parent, _, attr = name.rpartition(".")
+                        setattr(layer.get_submodule(parent), attr, shard(module, f"layers.{i}.{name}."))
+            self.layers = model.layers
+        self.head = shard(Head(model.norm, model.output), "")
+        if unit == "block":
+            chain = [self.embed, *self.layers, self.head]
+            for a, b in zip(chain, chain[1:]):
+                a.next_unit, b.prev_unit = b, a
+
+    def units(self) -> list:
+        return [m for m in self.modules() if isinstance(m, ShardedUnit)]
+
+    def forward(self, tokens):
+        """tokens (B, T) -> logits (B, T, vocab) in fp32."""
+        freqs_cis = precompute_freqs_cis(self.args.head_dim, tokens.shape[1], self.args.rope_theta, tokens.device)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            if self.unit == "linear" and torch.is_grad_enabled():
+                h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis)
+        return self.head(h)
+
+
+# ---------------------------------------------------------------------------------------- FSDP2 backend
+
+def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
+    """The reference backend: PyTorch's fully_shard on each block and on the root, with per-block activation
+    checkpointing. Parameters are DTensors sharded by rows (torch.chunk sizes); lomo.py works on their local
+    tensors. Gradients are summed over ranks, as in the hand-written backend."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = Transformer(args, checkpointing=True)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    model.to(dtype)
+    for module in [model, *model.layers]:
+        module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a global mean
+    return model
+
+
+# ------------------------------------------------------------------------------- loading and saving
+
+def local_tensors(model) -> dict:
+    """{Meta name: this rank's rows} for any of the three model kinds (plain, own shards, FSDP2)."""
+    if isinstance(model, ShardedTransformer):
+        return {n: s for u in model.units() for n, s in zip(u.names, u.shards)}
+    return {n: p.to_local() if hasattr(p, "to_local") else p for n, p in model.named_parameters()}
+
+
+def local_rows(model) -> dict:
+    """{Meta name: (start, stop)}: the rows of each full tensor that this rank holds."""
+    if isinstance(model, ShardedTransformer):
+        return {n: u.ranges[u.rank][i] for u in model.units() for i, n in enumerate(u.names)}
+    rows = {}
+    for name, p in model.named_parameters():
+        if hasattr(p, "to_local"):  # FSDP2: torch.chunk sizes, ceil(rows / world) per rank
+            size = -(-p.shape[0] // p.device_mesh.size())
+            start = min(p.device_mesh.get_local_rank() * size, p.shape[0])
+            rows[name] = (start, start + p.to_local().shape[0])
+        else:
+            rows[name] = (0, p.shape[0])
+    return rows
+
+
+@torch.no_grad()
+def load_rows(model, read):
+    """Fill every local tensor with its rows: read(name, slice) -> tensor, e.g. a CheckpointReader's read, which
+    memory-maps the checkpoint. No rank holds more than one full tensor at a time."""
+    rows = local_rows(model)
+    for name, tensor in local_tensors(model).items():
+        start, stop = rows[name]
+        tensor.copy_(read(name, slice(start, stop)))
+
+
+@torch.no_grad()
+def full_units(model, names_per_unit):
+    """Yield {name: full tensor} for each unit in turn (all ranks must iterate together; each collective
+    gathers one unit). Used to stream an export: no rank holds more than one unit at once."""
+    if isinstance(model, ShardedTransformer):
+        for unit in model.units():
+            yield {n: t for n, t in zip(unit.names, unit.gather().values())}
+        return
+    params = dict(model.named_parameters())
+    for names in names_per_unit:
+        yield {n: params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n].detach()
+               for n in names}

@@ -1,0 +1,478 @@
+"""Full-parameter fine-tuning of LLaMA with LOMO (Lv et al. 2023) on SuperGLUE, from a laptop CPU to 8 GPUs.
+
+    python train.py                                   # CPU demo: tiny model, synthetic task, LOMO
+    torchrun --nproc_per_node 8 train.py --model 65b --ckpt <dir> --tokenizer <tokenizer.model> \\
+        --task boolq --data-dir <SuperGLUE dir>       # the paper's 65B setting
+    python train.py --model 7b --dry-run              # memory plan, as the paper's Table 1
+
+Fused updates leave no gradient to accumulate, so there is no gradient accumulation: the effective batch is
+--batch-size x the number of ranks. The loss of a step is the mean over the answer tokens of the whole global
+batch, so 1 rank and N ranks compute the same step.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import shard
+from lomo import LOMO, AdaLomo
+from model import (MODEL_NAMES, HFWriter, MetaWriter, ModelArgs, Transformer, cross_entropy, open_checkpoint,
+                   param_shapes)
+from plan import print_plan
+
+OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
+# Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
+# The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU.
+# --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
+DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, warmup_ratio=0.1,
+                              clip_grad_norm=1.0, max_len=1024),
+            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, warmup_ratio=0.1,
+                            clip_grad_norm=0.0, max_len=1024),  # the 65B budget of shared/design/sharded-step.md
+            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, warmup_ratio=0.0,
+                              clip_grad_norm=0.0, max_len=64)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Unset flags take the defaults of the official LOMO config for SuperGLUE "
+                                "tasks, and of the CPU demo for --task synthetic: " + json.dumps(DEFAULTS))
+    p.add_argument("--model", default="tiny", help=f"preset: {', '.join(MODEL_NAMES)}; with --ckpt it must match")
+    p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
+    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
+    p.add_argument("--task", default="synthetic", help=f"synthetic or a SuperGLUE task: {', '.join(data.TASKS)}")
+    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
+    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
+    p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
+    p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
+                   help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="0 only evaluates (the paper's zero-shot row)")
+    p.add_argument("--batch-size", type=int, help="sequences per rank and step")
+    p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"))
+    p.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up")
+    p.add_argument("--clip-grad-norm", type=float, help="global L2 clipping, 0 for none; LOMO then runs 2 "
+                   "backward passes")
+    p.add_argument("--clip-grad-value", type=float, help="clamp each gradient element to +-value")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--stochastic-rounding", action="store_true", help="round bf16 updates stochastically")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on GPU (and for --dry-run), fp32 on CPU")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--save-dir", default="out", help="metrics.jsonl, checkpoints and predictions go here")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save-dir")
+    p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
+    p.add_argument("--export", help="write the trained model to this new folder at the end")
+    p.add_argument("--export-format", default="meta", choices=("meta", "hf"))
+    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory and communication plan, then exit")
+    p.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run")
+    p.add_argument("--gpu-gib", type=float, default=24.0, help="GPU memory that --dry-run checks the plan against")
+    p.add_argument("--sharding", default="own", choices=("own", "fsdp2"), help="own: shard.py; fsdp2: PyTorch's")
+    p.add_argument("--shard-unit", default="block", choices=shard.SHARD_UNITS, help="what is gathered at once")
+    args = p.parse_args(argv)
+    kind = "dry_run" if args.dry_run else "synthetic" if args.task == "synthetic" else "superglue"
+    for flag, value in DEFAULTS[kind].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.clip_grad_norm = args.clip_grad_norm or None
+    if args.model.lower() not in MODEL_NAMES:
+        p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
+    if args.task != "synthetic" and args.task.lower() not in data.TASKS:
+        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(data.TASKS)}")
+    if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
+        p.error(f"--data-dir {args.data_dir!r} is not a folder: a SuperGLUE task needs the folder that holds "
+                f"{data.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+    for flag in ("batch_size", "train_samples", "eval_samples", "max_len", "world_size", "keep_last"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+def init_distributed():
+    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def all_sum(x, world):
+    """Sum a number over ranks (a float64 tensor; the caller's device)."""
+    if world == 1:
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def load_tokenizer(args, rank, world):
+    if args.tokenizer:
+        return data.Tokenizer(args.tokenizer)
+    if args.task != "synthetic":
+        raise SystemExit("--tokenizer is required for a SuperGLUE task (LLaMA's tokenizer.model)")
+    folder = Path(tempfile.gettempdir()) / "lomo-demo-tokenizer"
+    if rank == 0:  # sentencepiece training is deterministic, so the demo tokenizer is the same every time
+        folder.mkdir(exist_ok=True)
+        data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+    if world > 1:
+        dist.barrier()
+    return data.Tokenizer(str(folder / "synthetic.model"))
+
+
+def model_args(args, tok):
+    """ModelArgs of the preset, or of --ckpt (which must agree with the preset when --model is given)."""
+    preset = ModelArgs.from_name(args.model)
+    if not args.ckpt:
+        return dataclasses.replace(preset, vocab_size=tok.n_words) if args.model == "tiny" else preset
+    ckpt = open_checkpoint(args.ckpt).args
+    if args.model != "tiny" and dataclasses.replace(ckpt, max_seq_len=preset.max_seq_len) != preset:
+        raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
+                         f"{preset}: pass the matching --model")
+    if ckpt.vocab_size != tok.n_words:
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but --ckpt {args.ckpt} has an embedding of "
+                         f"{ckpt.vocab_size} rows: use the tokenizer that came with the weights")
+    return ckpt
+
+
+class RandomWeights:
+    """model.init_weights's draws (N(0, 0.02), norms 1), one tensor at a time in model order, so that every
+    backend gets the same random model without materialising it."""
+
+    def __init__(self, margs, seed):
+        self.shapes, self.gen = param_shapes(margs), torch.Generator().manual_seed(seed)
+
+    def read(self, name, rows):
+        t = torch.ones(self.shapes[name]) if name.endswith("norm.weight") else \
+            torch.randn(self.shapes[name], generator=self.gen) * 0.02
+        return t[rows]
+
+
+def build_model(args, margs, rank, world, device, dtype):
+    """The model for this run and this rank: plain (1 rank), hand-sharded (own) or FSDP2."""
+    if world == 1:
+        with torch.device("meta"):
+            model = Transformer(margs, checkpointing=True)
+        model.to_empty(device=device).to(dtype)
+    elif args.sharding == "own":
+        model = shard.ShardedTransformer(margs, args.shard_unit, dist.group.WORLD, device, dtype)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        model = shard.fsdp2_transformer(margs, init_device_mesh(device.type, (world,)), device, dtype)
+    read = open_checkpoint(args.ckpt).read if args.ckpt else RandomWeights(margs, args.seed).read
+    shard.load_rows(model, lambda name, rows: read(name, rows).to(device=device, dtype=dtype))
+    return model
+
+
+class _MasterWeights:
+    """fp32 master weights under 16-bit ones, as in the paper's mixed-precision baselines: the inner torch
+    optimizer updates fp32 copies, which are then rounded into the model. fp32 models share their tensors."""
+
+    def __init__(self, params, **kwargs):
+        self.model_params = [p for p in params if p.requires_grad]
+        super().__init__([p.detach().float().requires_grad_() for p in self.model_params], **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        masters = [m for group in self.param_groups for m in group["params"]]
+        for p, m in zip(self.model_params, masters):
+            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+        super().step()
+        for p, m in zip(self.model_params, masters):
+            p.copy_(m)
+            m.grad = None
+
+
+class MasterSGD(_MasterWeights, torch.optim.SGD):
+    """SGD with fp32 master weights: 4 extra bytes per parameter (the paper's SGD row)."""
+
+
+class MasterAdamW(_MasterWeights, torch.optim.AdamW):
+    """AdamW with fp32 master weights and states: 12 extra bytes per parameter (the paper's AdamW row)."""
+
+
+def build_optimizer(args, model, world):
+    if args.optimizer in ("sgd", "adamw"):
+        if world > 1 and args.sharding == "own":
+            raise SystemExit(f"--optimizer {args.optimizer} keeps full gradients and is not supported with "
+                             "--sharding own; use --sharding fsdp2, or lomo / adalomo")
+        cls = MasterSGD if args.optimizer == "sgd" else MasterAdamW
+        return cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    group = None
+    if world > 1:
+        group = dist.group.WORLD  # FSDP2's mesh is the whole world too
+    cls = LOMO if args.optimizer == "lomo" else AdaLomo
+    return cls(model.parameters(), lr=args.lr, clip_grad_norm=args.clip_grad_norm,
+               clip_grad_value=args.clip_grad_value, weight_decay=args.weight_decay,
+               stochastic_rounding=args.stochastic_rounding, process_group=group)
+
+
+def lr_lambda(args, total_steps):
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if args.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+# -------------------------------------------------------------------------------------------- one step
+
+def train_step(args, model, opt, tokens, labels, world):
+    """One step on this rank's slice of the global batch. Returns the global mean loss and the StepInfo."""
+    logits = model(tokens)
+    local_sum = cross_entropy(logits, labels, reduction="sum")
+    n_tokens = all_sum((labels[:, 1:] != data.IGNORE_INDEX).sum().item(), world)
+    loss = local_sum / max(n_tokens, 1)
+    global_loss = all_sum(local_sum.item(), world) / max(n_tokens, 1)
+    if isinstance(opt, (LOMO, AdaLomo)):
+        info = opt.fused_backward(loss)
+        return global_loss, n_tokens, {"skipped": info.skipped, "grad_norm": info.grad_norm,
+                                       "loss_scale": info.loss_scale}
+    if not math.isfinite(global_loss):  # every rank sees the same global loss, so all skip together
+        return global_loss, n_tokens, {"skipped": True}
+    loss.backward()
+    row = {"skipped": False}
+    if args.clip_grad_value:
+        torch.nn.utils.clip_grad_value_(opt.model_params, args.clip_grad_value)
+    if args.clip_grad_norm:
+        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm).full_tensor()
+                                 if world > 1 else torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm))
+    opt.step()
+    return global_loss, n_tokens, row
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, args, rank, world, device):
+    """Score every candidate of every example (each rank a slice), gather the scores. Every rank runs the same
+    number of forward passes: a rank with fewer batches runs dropped batches of padding."""
+    mine = list(range(rank, len(examples), world))
+    batches = data.candidate_batches([len(examples[i].candidates) for i in mine], args.batch_size)
+    n_forwards = int(all_max(len(batches), world))
+    logits_fn = lambda tokens: model(tokens.to(device))  # noqa: E731
+    scores = data.score_candidates(logits_fn, tok, [examples[i] for i in mine], args.max_len, args.batch_size)
+    for _ in range(n_forwards - len(batches)):
+        data.score_candidates(logits_fn, tok, examples[:1], args.max_len, args.batch_size)  # dropped
+    gathered = [(i, s) for i, s in zip(mine, scores)]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, gathered)
+        gathered = [item for part in everyone for item in part]
+    by_index = dict(gathered)
+    return [by_index[i] for i in range(len(examples))]
+
+
+def all_max(x, world):
+    if world == 1:
+        return x
+    t = torch.tensor(float(x), device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(args, step, position, model, opt, sched, rank, world):
+    """<save-dir>/step_N: one file per rank plus meta.json, written in a temporary folder and renamed, so a
+    crash during a save never harms the last good checkpoint. Keeps the last --keep-last."""
+    root = Path(args.save_dir)
+    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+    if final.exists():
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+             "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    torch.save(state, tmp / f"rank{rank}.pt")
+    barrier(world)
+    if rank == 0:
+        meta = {"step": step, "world_size": world, "sharding": args.sharding if world > 1 else "none",
+                "shard_unit": args.shard_unit if world > 1 and args.sharding == "own" else None,
+                "model": args.model, "optimizer": args.optimizer, "dtype": str(next(iter(state["model"].values())).dtype)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"))[:-args.keep_last]:
+            shutil.rmtree(old)
+    barrier(world)
+
+
+def load_checkpoint(args, path, model, opt, sched, rank, world):
+    """Restore a checkpoint of save_checkpoint(); check that it fits this run before touching anything."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume {path}: not a checkpoint folder of train.py (meta.json unreadable: {e})")
+    sharding = args.sharding if world > 1 else "none"
+    unit = args.shard_unit if world > 1 and args.sharding == "own" else None
+    if (meta["world_size"], meta["sharding"], meta["shard_unit"]) != (world, sharding, unit):
+        raise SystemExit(f"--resume {path} was saved by {meta['world_size']} rank(s) with sharding "
+                         f"{meta['sharding']} (unit {meta['shard_unit']}); this run has {world} rank(s) with "
+                         f"sharding {sharding} (unit {unit}). Resume with the same --nproc_per_node, --sharding "
+                         f"and --shard-unit; the checkpoint is left untouched.")
+    if (meta["model"], meta["optimizer"]) != (args.model, args.optimizer):
+        raise SystemExit(f"--resume {path} is a {meta['model']} / {meta['optimizer']} checkpoint; this run has "
+                         f"--model {args.model} --optimizer {args.optimizer}")
+    try:
+        state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or corrupt file
+        raise SystemExit(f"--resume {path}: cannot read rank{rank}.pt ({e}); the checkpoint is corrupt")
+    with torch.no_grad():
+        for name, t in shard.local_tensors(model).items():
+            t.copy_(state["model"][name])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], tuple(state["position"])
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def export(args, model, margs, rank):
+    """Stream the model out unit by unit through model.py's writers; only rank 0 writes."""
+    names = list(param_shapes(margs))
+    units = [[n for n in names if not n.startswith("layers.") and n != "tok_embeddings.weight"]]
+    units = [["tok_embeddings.weight"]] + [[n for n in names if n.startswith(f"layers.{i}.")]
+                                           for i in range(margs.n_layers)] + units
+    writer = (MetaWriter if args.export_format == "meta" else HFWriter)(args.export, margs) if rank == 0 else None
+    for tensors in shard.full_units(model, units):
+        if writer:
+            writer.write(tensors)
+    if writer:
+        writer.close()
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def load_examples(args, split, n):
+    if args.task == "synthetic":
+        return data.synthetic_task(n, seed=args.seed + (split == "val"))
+    return data.sample_examples(data.load_task(args.task, args.data_dir, split), n, args.seed)
+
+
+def log(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return print_plan(args)
+    rank, world, device = init_distributed()
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tok = load_tokenizer(args, rank, world)
+    margs = model_args(args, tok)
+    if args.max_len > margs.max_seq_len:
+        raise SystemExit(f"--max-len {args.max_len} exceeds the model's max_seq_len {margs.max_seq_len}")
+    train_set = load_examples(args, "train", args.train_samples) if args.epochs else []
+    val_set = load_examples(args, "val", args.eval_samples)
+    train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
+    model = build_model(args, margs, rank, world, device, dtype)
+    opt = build_optimizer(args, model, world)
+    steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, max(1, args.epochs * steps_per_epoch)))
+    step, position = 0, (0, 0)
+    if args.resume:
+        step, position = load_checkpoint(args, args.resume, model, opt, sched, rank, world)
+    os.makedirs(args.save_dir, exist_ok=True)
+    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+    task = args.task.lower()
+
+    def run_eval():
+        model.eval()
+        preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
+        metrics = data.compute_metrics(task, val_set, preds) if task != "synthetic" else \
+            {"accuracy": data.accuracy([ex.gold for ex in val_set], preds)}
+        model.train()
+        if rank == 0:
+            log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
+        return metrics
+
+    bar = tqdm(total=args.epochs * steps_per_epoch, initial=step, disable=rank != 0, desc="train")
+    losses = []
+    for epoch in range(position[0], args.epochs):
+        batches = data.epoch_batches(len(train_set), args.batch_size, world, rank, args.seed, epoch)
+        for b in range(position[1] if epoch == position[0] else 0, len(batches)):
+            seqs = [train_seqs[i] for i in batches[b]] or [([tok.bos_id, tok.eos_id], [-100, -100])]  # dropped work
+            tokens, labels = data.collate(seqs, tok.pad_id)
+            start = time.perf_counter()
+            loss, n_tokens, row = train_step(args, model, opt, tokens.to(device), labels.to(device), world)
+            n_real = all_sum(sum(len(ids) for ids, _ in (train_seqs[i] for i in batches[b])), world)
+            sched.step()
+            step += 1
+            losses.append(loss)
+            row = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], **row,
+                   "tokens_per_s": n_real / (time.perf_counter() - start), "peak_mem_gib": peak_memory_gib(device)}
+            if rank == 0:
+                log(metrics_path, {k: v for k, v in row.items() if v is not None})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                mem=f"{row['peak_mem_gib']:.1f}G")
+            if args.eval_every and step % args.eval_every == 0:
+                run_eval()
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args, step, (epoch, b + 1), model, opt, sched, rank, world)
+    bar.close()
+    if args.epochs:
+        save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
+    metrics = run_eval()
+    if args.predict:
+        test_set = data.load_task(task, args.data_dir, "test")
+        preds = data.predict(test_set, evaluate(model, tok, test_set, args, rank, world, device))
+        if rank == 0:
+            print("predictions:", data.write_predictions(task, test_set, preds, args.save_dir))
+    if args.export:
+        export(args, model, margs, rank)
+    if rank == 0:
+        first, last = (f"{sum(x[:10]) / len(x[:10]):.3f}" for x in (losses, losses[-10:])) if losses else ("-", "-")
+        print(f"done: {step} steps, loss {first} -> {last} (mean of first / last 10 steps), val "
+              + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; metrics in {metrics_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
