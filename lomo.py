@@ -96,14 +96,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         """Add a group (torch.optim API) and hook each of its trainable parameters."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1  # by index: load_state_dict() replaces the group dicts
+        group = self.param_groups[index]
         for p in group["params"]:
             if not p.is_floating_point():
                 raise ValueError(f"params: got a {p.dtype} parameter; only floating-point parameters can be "
                                  "trained (pass only model.parameters() that are float)")
         trainable = [p for p in group["params"] if p.requires_grad]
         for p in trainable:
-            self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, group=group: self._on_grad(p, group)))
+            self._hooks.append(p.register_post_accumulate_grad_hook(
+                lambda p, index=index: self._on_grad(p, self.param_groups[index])))
         # Rows and elements of each whole tensor, summed over the shards of the group: one collective.
         sizes = torch.tensor([[_local(p).shape[0] if p.dim() else 1, _local(p).numel()] for p in trainable],
                              dtype=torch.float64, device=_local(trainable[0]).device if trainable else "cpu")

@@ -186,8 +186,9 @@ class ShardedTransformer(nn.Module):
         self.head = shard(Head(model.norm, model.output), "")
         if unit == "block":
             chain = [self.embed, *self.layers, self.head]
-            for a, b in zip(chain, chain[1:]):
-                a.next_unit, b.prev_unit = b, a
+            for a, b in zip(chain, chain[1:]):  # plain attributes, not child modules (that would be a cycle)
+                object.__setattr__(a, "next_unit", b)
+                object.__setattr__(b, "prev_unit", a)
 
     def units(self) -> list:
         return [m for m in self.modules() if isinstance(m, ShardedUnit)]
@@ -221,6 +222,7 @@ def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     model.to(dtype)
     for module in [model, *model.layers]:
         module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a global mean
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
 
 

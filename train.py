@@ -442,10 +442,11 @@ def main(argv=None):
             start = time.perf_counter()
             loss, n_tokens, row = train_step(args, model, opt, tokens.to(device), labels.to(device), world)
             n_real = all_sum(sum(len(ids) for ids, _ in (train_seqs[i] for i in batches[b])), world)
+            lr = opt.param_groups[0]["lr"]  # the rate this step used
             sched.step()
             step += 1
             losses.append(loss)
-            row = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], **row,
+            row = {"step": step, "loss": loss, "lr": lr, **row,
                    "tokens_per_s": n_real / (time.perf_counter() - start), "peak_mem_gib": peak_memory_gib(device)}
             if rank == 0:
                 log(metrics_path, {k: v for k, v in row.items() if v is not None})

@@ -249,12 +249,17 @@ def test_state_dict_resumes_exactly():
         torch.manual_seed(0)
         model = TiedNet(torch.float16)
         opt = AdaLomo(model.parameters(), lr=0.05, loss_scale_window=2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
         for step in range(steps):
             if step == resume_at:
-                state = copy.deepcopy(opt.state_dict())
+                state, sched_state = copy.deepcopy(opt.state_dict()), sched.state_dict()
                 opt = AdaLomo(model.parameters(), lr=0.05, loss_scale_window=2)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
                 opt.load_state_dict(state)
-            opt.fused_backward(loss_fn(model, make_data(seed=step)[0].half(), make_data(seed=step)[1]))
+                sched.load_state_dict(sched_state)
+            x, y = make_data(seed=step)
+            opt.fused_backward(loss_fn(model, x.half(), y))
+            sched.step()
         return model, opt
 
     (a, opt_a), (b, opt_b) = run(5), run(5, resume_at=3)
