@@ -214,12 +214,11 @@ def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
-        model = Transformer(args, checkpointing=True)
+        model = Transformer(args, checkpointing=True).to(dtype)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device=device)
-    model.to(dtype)
     for module in [model, *model.layers]:
         module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a global mean
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)

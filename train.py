@@ -174,8 +174,8 @@ def build_model(args, margs, rank, world, device, dtype):
     """The model for this run and this rank: plain (1 rank), hand-sharded (own) or FSDP2."""
     if world == 1:
         with torch.device("meta"):
-            model = Transformer(margs, checkpointing=True)
-        model.to_empty(device=device).to(dtype)
+            model = Transformer(margs, checkpointing=True).to(dtype)
+        model.to_empty(device=device)
     elif args.sharding == "own":
         model = shard.ShardedTransformer(margs, args.shard_unit, dist.group.WORLD, device, dtype)
     else:

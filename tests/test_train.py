@@ -255,3 +255,20 @@ def test_unfused_baselines_refuse_own_sharding():
     args = train.parse_args(["--optimizer", "adamw"])
     with pytest.raises(SystemExit, match="not supported with --sharding own"):
         train.build_optimizer(args, torch.nn.Linear(2, 2), world=2)
+
+
+def test_superglue_task_trains_and_writes_predictions(tokenizer, tmp_path):
+    rows = {"train": [{"question": "is the sky blue", "passage": "Sky: the sky is blue.", "idx": i,
+                       "label": bool(i % 2)} for i in range(4)],
+            "val": [{"question": "is grass red", "passage": "Grass: grass is green.", "idx": i, "label": False}
+                    for i in range(3)],
+            "test": [{"question": "is snow white", "passage": "Snow: snow is white.", "idx": i} for i in range(3)]}
+    (tmp_path / "BoolQ").mkdir()
+    for split, lines in rows.items():
+        (tmp_path / "BoolQ" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    result = train.main(["--task", "boolq", "--data-dir", str(tmp_path), "--tokenizer", tokenizer, "--epochs", "1",
+                         "--max-len", "128", "--batch-size", "2", "--predict", "--save-dir", str(tmp_path / "out")])
+    assert set(result) == {"accuracy"}
+    predictions = [json.loads(line) for line in open(tmp_path / "out" / "BoolQ.jsonl")]
+    assert [p["idx"] for p in predictions] == [0, 1, 2]
+    assert all(p["label"] in ("true", "false") for p in predictions)
