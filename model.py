@@ -221,15 +221,20 @@ def generate(model: Transformer, tokens: list[int], max_new_tokens: int, tempera
     return out
 
 
-@torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Deterministic N(0, std) weights (norms = 1), drawn on the CPU so every device gets the same model."""
+def random_weights(args: ModelArgs, seed: int = 0, std: float = 0.02):
+    """Yield (name, tensor) in model order: N(0, std) weights, norms 1, drawn one tensor at a time on the CPU
+    from one seeded generator, so every device and every sharding gets the same model."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    for name, shape in param_shapes(args).items():
+        yield name, torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
+    """Fill `model` with random_weights(model.args, seed, std)."""
+    params = dict(model.named_parameters())
+    for name, tensor in random_weights(model.args, seed, std):
+        params[name].copy_(tensor)
 
 
 def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:

@@ -3,7 +3,7 @@
 These are estimates from the model's shapes (built on the 'meta' device, nothing allocated); bench.py measures.
 Memory is in GiB (2^30 bytes), as in the paper's Table 1 (which writes GB for GiB).
 """
-from model import ModelArgs, param_shapes
+from model import ModelArgs, open_checkpoint, param_shapes
 
 GiB = 2 ** 30
 PAPER_TABLE_1 = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}  # LLaMA-7B, GiB
@@ -65,11 +65,11 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
 
 def print_plan(args):
     """The --dry-run report for train.py's arguments."""
-    margs = ModelArgs.from_name(args.model)
+    margs = open_checkpoint(args.ckpt).args if args.ckpt and not args.model else ModelArgs.from_name(args.model)
     nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype or "bf16"]
     check = bool(args.clip_grad_norm) or args.dtype == "fp16"
     common = dict(batch=args.batch_size, seq_len=args.max_len, nbytes=nbytes, check_pass=check)
-    print(f"model {args.model}: {sizes(margs)['total']:,} parameters; {args.dtype or 'bf16'}, batch {args.batch_size}"
+    print(f"model {args.model or args.ckpt}: {sizes(margs)['total']:,} parameters; {args.dtype or 'bf16'}, batch {args.batch_size}"
           f" x {args.max_len} tokens per rank, {args.world_size} rank(s). Estimates per rank, GiB:")
     cols = ("params", "grads", "optimizer_state", "activations", "gathered", "total", "sent_gib_per_step")
     header = f"{'':>16}" + "".join(f"{c.replace('_gib_per_step', '/step').replace('optimizer_', 'opt '):>12}" for c in cols)

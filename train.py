@@ -29,7 +29,7 @@ import data
 import shard
 from lomo import LOMO, AdaLomo
 from model import (MODEL_NAMES, HFWriter, MetaWriter, ModelArgs, Transformer, cross_entropy, open_checkpoint,
-                   param_shapes)
+                   param_shapes, random_weights)
 from plan import print_plan
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset flags take the defaults of the official LOMO config for SuperGLUE "
                                 "tasks, and of the CPU demo for --task synthetic: " + json.dumps(DEFAULTS))
-    p.add_argument("--model", default="tiny", help=f"preset: {', '.join(MODEL_NAMES)}; with --ckpt it must match")
+    p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
     p.add_argument("--task", default="synthetic", help=f"synthetic or a SuperGLUE task: {', '.join(data.TASKS)}")
@@ -90,7 +90,8 @@ def parse_args(argv=None):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     args.clip_grad_norm = args.clip_grad_norm or None
-    if args.model.lower() not in MODEL_NAMES:
+    args.model = args.model or ("tiny" if not args.ckpt else None)
+    if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
     if args.task != "synthetic" and args.task.lower() not in data.TASKS:
         p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(data.TASKS)}")
@@ -119,12 +120,12 @@ def init_distributed():
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def all_sum(x, world):
-    """Sum a number over ranks (a float64 tensor; the caller's device)."""
+def all_reduce(x, world, op=dist.ReduceOp.SUM):
+    """Reduce a number over ranks (as float64, on the device that the backend needs)."""
     if world == 1:
         return x
     t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 
@@ -143,31 +144,35 @@ def load_tokenizer(args, rank, world):
 
 
 def model_args(args, tok):
-    """ModelArgs of the preset, or of --ckpt (which must agree with the preset when --model is given)."""
-    preset = ModelArgs.from_name(args.model)
-    if not args.ckpt:
-        return dataclasses.replace(preset, vocab_size=tok.n_words) if args.model == "tiny" else preset
-    ckpt = open_checkpoint(args.ckpt).args
-    if args.model != "tiny" and dataclasses.replace(ckpt, max_seq_len=preset.max_seq_len) != preset:
-        raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
-                         f"{preset}: pass the matching --model")
-    if ckpt.vocab_size != tok.n_words:
-        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but --ckpt {args.ckpt} has an embedding of "
-                         f"{ckpt.vocab_size} rows: use the tokenizer that came with the weights")
-    return ckpt
+    """The model's shape: the --model preset, or what --ckpt holds (which must then match the preset). The tiny
+    demo model takes the tokenizer's vocabulary; any other must have the tokenizer's."""
+    margs = ModelArgs.from_name(args.model) if args.model else None
+    if args.model == "tiny" and not args.ckpt:
+        return dataclasses.replace(margs, vocab_size=tok.n_words)
+    where = "the --model preset"
+    if args.ckpt:
+        ckpt = open_checkpoint(args.ckpt).args
+        if margs and dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) != margs:
+            raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
+                             f"{margs}: pass the matching --model, or none")
+        # Meta's params.json has no max_seq_len: keep the preset's (4096 for Llama 2)
+        margs, where = (dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) if margs else ckpt), f"--ckpt {args.ckpt}"
+    if margs.vocab_size != tok.n_words:
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of "
+                         f"{margs.vocab_size} rows: use the tokenizer that came with the weights")
+    return margs
 
 
 class RandomWeights:
-    """model.init_weights's draws (N(0, 0.02), norms 1), one tensor at a time in model order, so that every
-    backend gets the same random model without materialising it."""
+    """model.random_weights as a reader: every backend gets the same random model, one tensor at a time."""
 
     def __init__(self, margs, seed):
-        self.shapes, self.gen = param_shapes(margs), torch.Generator().manual_seed(seed)
+        self.stream = random_weights(margs, seed)
 
     def read(self, name, rows):
-        t = torch.ones(self.shapes[name]) if name.endswith("norm.weight") else \
-            torch.randn(self.shapes[name], generator=self.gen) * 0.02
-        return t[rows]
+        drawn, tensor = next(self.stream)
+        assert drawn == name, f"random weights are drawn in model order: {name} asked for, {drawn} next"
+        return tensor[rows]
 
 
 def build_model(args, margs, rank, world, device, dtype):
@@ -247,27 +252,27 @@ def lr_lambda(args, total_steps):
 # -------------------------------------------------------------------------------------------- one step
 
 def train_step(args, model, opt, tokens, labels, world):
-    """One step on this rank's slice of the global batch. Returns the global mean loss and the StepInfo."""
+    """One step on this rank's slice of the global batch: (the global mean loss, a row for metrics.jsonl).
+    The loss is the sum over this rank's answer tokens divided by the global count, so that the gradients
+    summed over ranks are those of the mean over the global batch."""
     logits = model(tokens)
     local_sum = cross_entropy(logits, labels, reduction="sum")
-    n_tokens = all_sum((labels[:, 1:] != data.IGNORE_INDEX).sum().item(), world)
-    loss = local_sum / max(n_tokens, 1)
-    global_loss = all_sum(local_sum.item(), world) / max(n_tokens, 1)
+    n_tokens = max(1, all_reduce((labels[:, 1:] != data.IGNORE_INDEX).sum().item(), world))
+    global_loss = all_reduce(local_sum.item(), world) / n_tokens
     if isinstance(opt, (LOMO, AdaLomo)):
-        info = opt.fused_backward(loss)
-        return global_loss, n_tokens, {"skipped": info.skipped, "grad_norm": info.grad_norm,
-                                       "loss_scale": info.loss_scale}
+        info = opt.fused_backward(local_sum / n_tokens)
+        return global_loss, {"skipped": info.skipped, "grad_norm": info.grad_norm, "loss_scale": info.loss_scale}
     if not math.isfinite(global_loss):  # every rank sees the same global loss, so all skip together
-        return global_loss, n_tokens, {"skipped": True}
-    loss.backward()
+        return global_loss, {"skipped": True}
+    (local_sum / n_tokens).backward()
     row = {"skipped": False}
     if args.clip_grad_value:
         torch.nn.utils.clip_grad_value_(opt.model_params, args.clip_grad_value)
     if args.clip_grad_norm:
-        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm).full_tensor()
-                                 if world > 1 else torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm)
+        row["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: DTensor
     opt.step()
-    return global_loss, n_tokens, row
+    return global_loss, row
 
 
 @torch.no_grad()
@@ -276,7 +281,7 @@ def evaluate(model, tok, examples, args, rank, world, device):
     number of forward passes: a rank with fewer batches runs dropped batches of padding."""
     mine = list(range(rank, len(examples), world))
     batches = data.candidate_batches([len(examples[i].candidates) for i in mine], args.batch_size)
-    n_forwards = int(all_max(len(batches), world))
+    n_forwards = int(all_reduce(len(batches), world, dist.ReduceOp.MAX))
     logits_fn = lambda tokens: model(tokens.to(device))  # noqa: E731
     scores = data.score_candidates(logits_fn, tok, [examples[i] for i in mine], args.max_len, args.batch_size)
     for _ in range(n_forwards - len(batches)):
@@ -288,14 +293,6 @@ def evaluate(model, tok, examples, args, rank, world, device):
         gathered = [item for part in everyone for item in part]
     by_index = dict(gathered)
     return [by_index[i] for i in range(len(examples))]
-
-
-def all_max(x, world):
-    if world == 1:
-        return x
-    t = torch.tensor(float(x), device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def peak_memory_gib(device):
@@ -325,7 +322,7 @@ def save_checkpoint(args, step, position, model, opt, sched, rank, world):
     if rank == 0:
         meta = {"step": step, "world_size": world, "sharding": args.sharding if world > 1 else "none",
                 "shard_unit": args.shard_unit if world > 1 and args.sharding == "own" else None,
-                "model": args.model, "optimizer": args.optimizer, "dtype": str(next(iter(state["model"].values())).dtype)}
+                "optimizer": args.optimizer}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, final)
         for old in sorted(root.glob("step_*"))[:-args.keep_last]:
@@ -347,13 +344,19 @@ def load_checkpoint(args, path, model, opt, sched, rank, world):
                          f"{meta['sharding']} (unit {meta['shard_unit']}); this run has {world} rank(s) with "
                          f"sharding {sharding} (unit {unit}). Resume with the same --nproc_per_node, --sharding "
                          f"and --shard-unit; the checkpoint is left untouched.")
-    if (meta["model"], meta["optimizer"]) != (args.model, args.optimizer):
-        raise SystemExit(f"--resume {path} is a {meta['model']} / {meta['optimizer']} checkpoint; this run has "
-                         f"--model {args.model} --optimizer {args.optimizer}")
+    if meta["optimizer"] != args.optimizer:
+        raise SystemExit(f"--resume {path} was saved with --optimizer {meta['optimizer']}, this run has "
+                         f"--optimizer {args.optimizer}")
     try:
         state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or corrupt file
         raise SystemExit(f"--resume {path}: cannot read rank{rank}.pt ({e}); the checkpoint is corrupt")
+    saved = {n: tuple(t.shape) for n, t in state["model"].items()}
+    wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
+    if saved != wanted:
+        wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
+        raise SystemExit(f"--resume {path} holds a different model than --model / --ckpt describe "
+                         f"(first differences: {wrong}); pass the flags of the run that saved it")
     with torch.no_grad():
         for name, t in shard.local_tensors(model).items():
             t.copy_(state["model"][name])
@@ -440,8 +443,8 @@ def main(argv=None):
             seqs = [train_seqs[i] for i in batches[b]] or [([tok.bos_id, tok.eos_id], [-100, -100])]  # dropped work
             tokens, labels = data.collate(seqs, tok.pad_id)
             start = time.perf_counter()
-            loss, n_tokens, row = train_step(args, model, opt, tokens.to(device), labels.to(device), world)
-            n_real = all_sum(sum(len(ids) for ids, _ in (train_seqs[i] for i in batches[b])), world)
+            loss, row = train_step(args, model, opt, tokens.to(device), labels.to(device), world)
+            n_real = all_reduce(sum(len(train_seqs[i][0]) for i in batches[b]), world)  # padding excluded
             lr = opt.param_groups[0]["lr"]  # the rate this step used
             sched.step()
             step += 1
