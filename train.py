@@ -426,11 +426,8 @@ def main(argv=None):
     task = args.task.lower()
 
     def run_eval():
-        model.eval()
         preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
-        metrics = data.compute_metrics(task, val_set, preds) if task != "synthetic" else \
-            {"accuracy": data.accuracy([ex.gold for ex in val_set], preds)}
-        model.train()
+        metrics = data.compute_metrics(task, val_set, preds)
         if rank == 0:
             log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
         return metrics
@@ -472,9 +469,12 @@ def main(argv=None):
     if args.export:
         export(args, model, margs, rank)
     if rank == 0:
-        first, last = (f"{sum(x[:10]) / len(x[:10]):.3f}" for x in (losses, losses[-10:])) if losses else ("-", "-")
-        print(f"done: {step} steps, loss {first} -> {last} (mean of first / last 10 steps), val "
-              + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; metrics in {metrics_path}")
+        trained = ""
+        if losses:
+            first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
+            trained = f", loss {first:.3f} -> {last:.3f} (mean of the first / last 10 steps)"
+        print(f"done: {step} steps{trained}; val " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+              + f"; metrics in {metrics_path}")
     return metrics
 
 
