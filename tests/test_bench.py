@@ -1,0 +1,125 @@
+"""bench.py: the memory tracker against known allocations, a smoke run of every method, and the collective
+bytes of the sharded run against a count made here from the shapes."""
+import argparse
+
+import pytest
+import torch
+
+import bench
+from dist_utils import run_workers
+from model import param_shapes
+
+MINI = ["--model", "mini", "--seq-len", "16", "--warmup", "1", "--steps", "1"]
+
+
+def test_tracker_counts_known_allocations_and_frees():
+    with bench.TensorMemoryTracker() as tracker:
+        a = torch.empty(1000)                       # 4000 bytes
+        b = torch.empty(500, dtype=torch.float64)   # 4000 bytes
+        view = a[:10]                               # shares a's storage: nothing more
+        assert tracker.current == 8000
+        del a
+        assert tracker.current == 8000              # the view keeps the storage alive
+        del view
+        assert tracker.current == 4000
+        x, y = torch.ones(64, 32), torch.ones(32, 16)
+        z = x @ y
+        assert tracker.current == 4000 + 4 * (64 * 32 + 32 * 16 + 64 * 16)
+        del x, y, z, b
+        assert tracker.current == 0
+    assert tracker.peak == 4000 + 4 * (64 * 32 + 32 * 16 + 64 * 16)
+
+
+def test_tracker_counts_given_tensors_and_follows_storage_resize():
+    weight = torch.ones(256)  # made before the mode: counts from the start because it is passed in
+    with bench.TensorMemoryTracker([weight]) as tracker:
+        assert tracker.current == 1024
+        weight.untyped_storage().resize_(0)  # how FSDP2 frees its unsharded parameters
+        assert tracker.current == 0
+        weight.untyped_storage().resize_(1024)
+        assert tracker.current == tracker.peak == 1024
+
+
+def test_tracker_sees_backward_and_gradients():
+    w = torch.ones(100, 100, requires_grad=True)  # 40000 bytes
+    with bench.TensorMemoryTracker([w]) as tracker:
+        (w * 2).sum().backward()
+        assert tracker.current == 2 * 40000  # w and w.grad; w * 2 and the scalars are freed
+    assert 2 * 40000 <= tracker.peak <= 3 * 40000 + 64
+
+
+def test_every_method_runs_and_memory_orders_as_the_state_it_keeps():
+    rows = {r["method"]: r for r in bench.main(MINI + ["--isolate", "none", "--json"])}
+    assert set(rows) == set(bench.METHODS)
+    for r in rows.values():
+        assert r["peak_gib"] > 0 and r["tokens_per_s"] > 0
+    param_bytes = sum(s.numel() for s in param_shapes(bench.model_args("mini")).values()) * 4
+    gib = lambda m: rows[m]["peak_gib"] * 2 ** 30  # noqa: E731
+    assert gib("floor") > param_bytes
+    assert gib("sgd") >= 2 * param_bytes                     # the weights and every gradient
+    assert gib("adamw") >= 4 * param_bytes                   # plus two fp32 moments
+    assert gib("lomo") < gib("floor") + 0.25 * param_bytes    # one gradient at a time
+    assert gib("lomo") < 0.5 * gib("adamw")
+
+
+def test_methods_over_the_memory_limit_are_reported_oom_and_the_others_run(capsys):
+    margs = bench.model_args("mini")
+    limit = bench.estimate_gib("lomo", margs, 1, 16, 4) * 1.01  # lomo fits; adamw's three copies do not
+    rows = bench.main(MINI + ["--isolate", "none", "--methods", "lomo,adamw", "--mem-limit-gib", str(limit)])
+    assert "peak_gib" in rows[0] and "oom" in rows[1]
+    out = capsys.readouterr().out
+    assert "OOM" in out and "lomo tokens/s" not in out  # no floor to compare against: no speed check printed
+
+
+def test_a_method_runs_in_a_fresh_process():
+    args = argparse.Namespace(model="mini", dtype="fp32", batch_size=1, seq_len=16, warmup=1, steps=1,
+                              mem_limit_gib=8.0)
+    row = bench.run_isolated("lomo", args)
+    assert row["method"] == "lomo" and row["peak_gib"] > 0, row
+
+
+def test_bad_flags_are_rejected_with_the_flag_named(capsys):
+    for argv, flag in ((["--methods", "lomo,adam"], "--methods"), (["--model", "8b"], "--model"),
+                       (["--sharded"], "--sharded")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert flag in capsys.readouterr().err
+
+
+def expected_block_unit_bytes(margs, world, nbytes):
+    """Bytes a rank sends per step with block units and one backward pass, from the shapes alone: each unit
+    (embedding; each block; final norm + output) is a flat buffer of world x chunk elements, chunk being the
+    most elements any rank holds when every tensor is cut by rows as torch.tensor_split cuts them. It is
+    all-gathered twice and reduce-scattered once, and a ring sends (world - 1) / world of it each time."""
+    shapes = param_shapes(margs)
+    units = [["tok_embeddings.weight"], ["norm.weight", "output.weight"]]
+    units += [[n for n in shapes if n.startswith(f"layers.{i}.")] for i in range(margs.n_layers)]
+    total = 0
+    for names in units:
+        per_rank = [0] * world
+        for n in names:
+            rows = [len(r) for r in torch.arange(shapes[n][0]).tensor_split(world)]
+            for r in range(world):
+                per_rank[r] += rows[r] * shapes[n][1:].numel()
+        total += 3 * max(per_rank) * (world - 1) * nbytes
+    return total
+
+
+def _sharded_worker(rank, world):
+    margs = bench.model_args("mini")
+    own = bench.run_sharded("own", margs, torch.float32, torch.device("cpu"), 1, 16, 1, 2)
+    expected = expected_block_unit_bytes(margs, world, 4) / 2 ** 30
+    assert own["sent_gib_per_step"] == pytest.approx(expected, rel=1e-9)
+    assert own["exact_sent_gib_per_step"] == pytest.approx(expected, rel=1e-9)
+    # the plan counts the same without the padding of the flat buffers
+    assert own["plan_sent_gib_per_step"] == pytest.approx(expected, rel=0.01)
+    fsdp = bench.run_sharded("fsdp2", margs, torch.float32, torch.device("cpu"), 1, 16, 1, 2)
+    # FSDP2 calls the collectives under their _single names: counted, about as much as the plan says
+    assert fsdp["collectives_per_step"] > 0
+    assert 0.8 * expected < fsdp["sent_gib_per_step"] <= 1.01 * expected
+    for row in (own, fsdp):
+        assert row["peak_gib"] > 0 and row["step_s"] > 0
+
+
+def test_sharded_collective_bytes_match_the_shapes():
+    run_workers(_sharded_worker, world_size=2)
