@@ -228,6 +228,7 @@ def bench_methods(args, device) -> list:
             except torch.OutOfMemoryError as e:
                 row = {"method": method, "oom": str(e).split("\n")[0][:200]}
         rows.append({**row, "estimate_gib": estimate})
+        print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # progress, in case of a timeout
     return rows
 
 
