@@ -179,21 +179,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
         grad, p.grad = p.grad, None  # free the gradient at once
         if self._phase == "discard":
             return
-        g = _local(grad).float()  # fp32 grads: the same tensor, modified in place below (it is already freed)
-        if self.loss_scale is not None:
-            g = g / self.loss_scale
-        if self.clip_grad_value is not None:
-            g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        g, coef = _local(grad), 1.0 / (self.loss_scale or 1.0)  # coef: what multiplies g in the update
+        if self.clip_grad_value is not None:  # clamp the true (unscaled) gradient
+            g, coef = (g.float() * coef).clamp_(-self.clip_grad_value, self.clip_grad_value), 1.0
         if self._phase == "check":
-            self._squares.append(g.pow(2).sum())
+            flat = g.reshape(-1).float()  # fp32 gradients: no copy
+            self._squares.append(torch.dot(flat, flat) * coef ** 2)
             return
-        if self._clip_coef != 1.0:
-            g.mul_(self._clip_coef)
-        if not self._update(p, _local(p), g, group):
+        if not self._update(p, _local(p), g, coef * self._clip_coef, group):
             self._found_nonfinite, self._phase = True, "discard"
 
-    def _update(self, param, p, g, group) -> bool:
-        """Update the local tensor `p` of `param` with fp32 gradient `g`. False: a non-finite value was met."""
+    def _update(self, param, p, g, coef, group) -> bool:
+        """Update the local tensor `p` of `param` with the gradient coef * g. False: a non-finite value was met."""
         raise NotImplementedError
 
     def _write_back(self, p, w):
@@ -243,15 +240,16 @@ class LOMO(_FusedOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm, clip_grad_value,
                          check_finite, loss_scale, loss_scale_window, stochastic_rounding, process_group)
 
-    def _update(self, param, p, g, group):
-        if not self.check_pass and not torch.isfinite(g).all():
+    def _update(self, param, p, g, coef, group):
+        if not self.check_pass and not torch.isfinite(g.sum()):  # a sum is non-finite if any element is
             return False
         lr, weight_decay = group["lr"], group["weight_decay"]
-        w = p.float()  # fp32 params: p itself, updated in place; 16-bit: an fp32 copy
-        if weight_decay:
-            w.mul_(1 - lr * weight_decay)
-        w.add_(g, alpha=-lr)
-        self._write_back(p, w)
+        if weight_decay or (self.stochastic_rounding and p.dtype == torch.bfloat16):
+            w = p.float()  # fp32 params: p itself, updated in place; 16-bit: an fp32 copy
+            w.mul_(1 - lr * weight_decay).add_(g, alpha=-lr * coef)
+            self._write_back(p, w)
+        else:  # one kernel; for 16-bit p the arithmetic is done in fp32 and rounded once, without copies
+            p.add_(g, alpha=-lr * coef)
         return True
 
 
@@ -285,7 +283,8 @@ class AdaLomo(_FusedOptimizer):
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
                          loss_scale_window, stochastic_rounding, process_group)
 
-    def _update(self, param, p, g, group):
+    def _update(self, param, p, g, coef, group):
+        g = g.float() if coef == 1.0 else g.float() * coef
         eps1, eps2 = group["eps"]
         beta = 1.0 - (self.steps + 1) ** group["decay_rate"]
         rows, numel = self._global_size[param]

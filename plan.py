@@ -20,14 +20,15 @@ def sizes(margs: ModelArgs) -> dict:
 
 
 def activations(margs: ModelArgs, batch: int, seq_len: int, nbytes: int) -> float:
-    """Bytes of activations with per-block activation checkpointing: every block's saved input, one block's
-    recomputed activations during its backward, and the logits with their fp32 loss and gradient."""
+    """Bytes of activations with per-block activation checkpointing: every block's saved input, plus the larger
+    of one block's recomputed activations during its backward and the logits with their fp32 log-softmax and
+    gradient (these two never coexist)."""
     tokens = batch * seq_len
     kv_dim = margs.kv_heads * margs.head_dim
     saved_inputs = margs.n_layers * tokens * margs.dim * nbytes
     one_block = tokens * (nbytes * (9 * margs.dim + 4 * kv_dim + 4 * margs.hidden_dim) + 4 * (5 * margs.dim + kv_dim))
-    logits = tokens * margs.vocab_size * (2 * nbytes + 12)
-    return saved_inputs + one_block + logits
+    logits = tokens * margs.vocab_size * (nbytes + 8)
+    return saved_inputs + max(one_block, logits)
 
 
 def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit="block", sharding="own",

@@ -193,7 +193,9 @@ def build_model(args, margs, rank, world, device, dtype):
 
 class _MasterWeights:
     """fp32 master weights under 16-bit ones, as in the paper's mixed-precision baselines: the inner torch
-    optimizer updates fp32 copies, which are then rounded into the model. fp32 models share their tensors."""
+    optimizer updates fp32 copies, which are then rounded into the model (fp32 models share their tensors).
+    step() goes one parameter at a time, so that only one fp32 gradient exists at once: the model keeps 16-bit
+    gradients, as the paper counts them."""
 
     def __init__(self, params, **kwargs):
         self.model_params = [p for p in params if p.requires_grad]
@@ -203,11 +205,12 @@ class _MasterWeights:
     def step(self, closure=None):
         masters = [m for group in self.param_groups for m in group["params"]]
         for p, m in zip(self.model_params, masters):
-            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
-        super().step()
-        for p, m in zip(self.model_params, masters):
-            p.copy_(m)
+            if p.grad is None:
+                continue
+            m.grad, p.grad = p.grad.float(), None
+            super().step()  # updates only the parameters that have a gradient: this one
             m.grad = None
+            p.copy_(m)
 
 
 class MasterSGD(_MasterWeights, torch.optim.SGD):

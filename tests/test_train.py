@@ -272,3 +272,22 @@ def test_superglue_task_trains_and_writes_predictions(tokenizer, tmp_path):
     predictions = [json.loads(line) for line in open(tmp_path / "out" / "BoolQ.jsonl")]
     assert [p["idx"] for p in predictions] == [0, 1, 2]
     assert all(p["label"] in ("true", "false") for p in predictions)
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(train.MasterAdamW, torch.optim.AdamW), (train.MasterSGD, torch.optim.SGD)])
+def test_master_weight_baselines_follow_the_fp32_optimizer(cls, ref_cls):
+    """bf16 weights, fp32 masters: the masters take exactly the steps of the fp32 optimizer fed with the bf16
+    gradients, and the weights are the masters rounded to bf16."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(torch.bfloat16)
+    masters = [p.detach().float().clone().requires_grad_() for p in net.parameters()]
+    opt, ref = cls(net.parameters(), lr=0.1, weight_decay=0.1), ref_cls(masters, lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        net(torch.randn(3, 4, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+        for p, m in zip(net.parameters(), masters):
+            m.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        assert all(p.grad is None for p in net.parameters())
+    for p, m in zip(net.parameters(), masters):
+        assert torch.equal(p, m.to(torch.bfloat16))
