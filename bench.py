@@ -33,7 +33,7 @@ import shard
 from lomo import LOMO, AdaLomo
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy
 from plan import GiB, plan, sizes
-from train import MasterAdamW, MasterSGD, RandomWeights
+from train import MasterAdamW, MasterSGD, RandomWeights, close_distributed
 
 METHODS = ("floor", "lomo", "lomo-clip", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -427,14 +427,16 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        ok = False
         try:
             rows = bench_sharded(args, device)
             if dist.get_rank() == 0 and args.json:
                 print(json.dumps({"device": device_name(device), "memory": memory_how, "results": rows}))
             elif dist.get_rank() == 0:
                 print_sharded(rows, args, device, memory_how)
+            ok = True
         finally:
-            dist.destroy_process_group()
+            close_distributed(ok)
         return rows
     rows = bench_methods(args, device)
     if args.json:

@@ -15,6 +15,7 @@ Use:
 This file stands alone (torch and the standard library only), so it can be copied into other projects.
 """
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +49,19 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
     rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000); the bf16 cast below is then exact
     return dst.copy_(rounded.view(torch.float32))
+
+
+def _remove_all(handles):
+    for handle in handles:
+        handle.remove()
+
+
+def _call_owner(owner, p, index):
+    """The hook body: forward to the optimizer if it still exists. A tensor's hooks live in C++, where Python's
+    garbage collector cannot see a cycle through them, so the hooks hold the optimizer by a weak reference."""
+    opt = owner()
+    if opt is not None:
+        opt._on_grad(p, opt.param_groups[index])
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -88,6 +102,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._clean_steps = 0          # fp16 steps since the last overflow
         self._phase = "idle"           # idle | check | update | discard
         self._hooks, self._global_size = [], {}
+        weakref.finalize(self, _remove_all, self._hooks)  # a freed optimizer leaves no hook behind
         super().__init__(params, defaults)
         self.fp16 = any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"])
         self.loss_scale = float(loss_scale) if self.fp16 else None
@@ -103,9 +118,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"params: got a {p.dtype} parameter; only floating-point parameters can be "
                                  "trained (pass only model.parameters() that are float)")
         trainable = [p for p in group["params"] if p.requires_grad]
+        owner = weakref.ref(self)  # a hook must not keep its optimizer (and its process group) alive
         for p in trainable:
             self._hooks.append(p.register_post_accumulate_grad_hook(
-                lambda p, index=index: self._on_grad(p, self.param_groups[index])))
+                lambda p, index=index: _call_owner(owner, p, index)))
         # Rows and elements of each whole tensor, summed over the shards of the group: one collective.
         sizes = torch.tensor([[_local(p).shape[0] if p.dim() else 1, _local(p).numel()] for p in trainable],
                              dtype=torch.float64, device=_local(trainable[0]).device if trainable else "cpu")

@@ -11,6 +11,7 @@ batch, so 1 rank and N ranks compute the same step.
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -406,7 +407,32 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
         return print_plan(args)
+    owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = init_distributed()
+    ok = False
+    try:
+        metrics = run(args, rank, world, device)
+        ok = True
+        return metrics
+    finally:
+        if owns_group:
+            close_distributed(ok)
+
+
+def close_distributed(ok: bool):
+    """Destroy the process group that init_distributed() made, so that torchrun sees exit status 0.
+    gloo's worker threads release each collective's tensors, which needs the GIL: a thread still doing so when the
+    interpreter shuts down aborts the process ("terminate called without an active exception", exit -6, after
+    'done'). So a clean run first waits for every rank, which leaves those threads idle. After an error the wait
+    is skipped: another rank may never reach it."""
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()  # free what still holds the group while Python is fully alive
+
+
+def run(args, rank, world, device):
+    """Train, evaluate, predict and export, as the flags say; returns the final validation metrics."""
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
     random.seed(args.seed)

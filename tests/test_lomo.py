@@ -268,6 +268,22 @@ def test_state_dict_resumes_exactly():
     assert all(v.dtype == torch.float32 for s in opt_b.state.values() for v in s.values())
 
 
+def test_unreferenced_optimizer_is_freed_and_leaves_no_hook():
+    """The hooks hold the optimizer weakly: a tensor's hooks live in C++, where the garbage collector cannot break
+    a cycle, so a strong reference kept every optimizer (and its process group) alive for the life of the process."""
+    import gc
+    import weakref
+
+    w = nn.Parameter(torch.ones(3))
+    opt = LOMO([w], lr=0.1)
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None
+    (w * 2).sum().backward()  # no optimizer any more: a plain backward keeps its gradient, w is untouched
+    assert torch.equal(w.grad, torch.full((3,), 2.0)) and torch.equal(w.detach(), torch.ones(3))
+
+
 def test_bad_arguments_name_the_argument():
     model = TiedNet()
     with pytest.raises(ValueError, match="lr"):

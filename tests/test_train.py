@@ -291,3 +291,15 @@ def test_master_weight_baselines_follow_the_fp32_optimizer(cls, ref_cls):
         assert all(p.grad is None for p in net.parameters())
     for p, m in zip(net.parameters(), masters):
         assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def _torchrun_worker(rank, world, argv):
+    """As under torchrun: no process group exists before train.main, and none may be left after it."""
+    assert not torch.distributed.is_initialized()
+    train.main(argv)
+    assert not torch.distributed.is_initialized(), "train.main left its process group behind"
+
+
+def test_main_tears_down_its_process_group(tokenizer, tmp_path):
+    argv = SMALL + ["--tokenizer", tokenizer, "--batch-size", "4", "--epochs", "1", "--save-dir", str(tmp_path)]
+    run_workers(_torchrun_worker, argv, init=False)
