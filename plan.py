@@ -3,7 +3,8 @@
 These are estimates from the model's shapes (built on the 'meta' device, nothing allocated); bench.py measures.
 Memory is in GiB (2^30 bytes), as in the paper's Table 1 (which writes GB for GiB).
 """
-from model import ModelArgs, open_checkpoint, param_shapes
+from checkpoint import open_checkpoint
+from model import ModelArgs, param_shapes
 
 GiB = 2 ** 30
 PAPER_TABLE_1 = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}  # LLaMA-7B, GiB

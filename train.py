@@ -29,8 +29,8 @@ from tqdm import tqdm
 import data
 import shard
 from lomo import LOMO, AdaLomo
-from model import (MODEL_NAMES, HFWriter, MetaWriter, ModelArgs, Transformer, cross_entropy, open_checkpoint,
-                   param_shapes, random_weights)
+from checkpoint import HFWriter, MetaWriter, open_checkpoint
+from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
 from plan import print_plan
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import data
 import model
 import plan
@@ -142,7 +143,7 @@ def test_export_round_trips_in_both_formats(tokenizer, tmp_path):
     run_workers(_export_worker, argv, exports)
     for fmt, out in exports:
         trained = final_params(out + "-run")
-        loaded = model.load_model(out).state_dict()
+        loaded = checkpoint.load_model(out).state_dict()
         assert loaded.keys() == trained.keys()
         for key, value in trained.items():
             assert torch.equal(loaded[key], value), (fmt, key)
@@ -154,7 +155,7 @@ def _load_worker(rank, world, ckpt, tokenizer):
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
         net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-        reference = model.load_model(ckpt).state_dict()
+        reference = checkpoint.load_model(ckpt).state_dict()
         rows = train.shard.local_rows(net)
         for name, local in train.shard.local_tensors(net).items():
             start, stop = rows[name]
@@ -166,7 +167,7 @@ def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
                                "vocab_size": data.Tokenizer(tokenizer).n_words})
     net = model.Transformer(margs)
     model.init_weights(net, seed=3)
-    model.save_model(net, tmp_path / "ckpt", format="meta", n_shards=2)
+    checkpoint.save_model(net, tmp_path / "ckpt", format="meta", n_shards=2)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("consolidated.*")) == ["consolidated.00.pth",
                                                                                   "consolidated.01.pth"]
     run_workers(_load_worker, str(tmp_path / "ckpt"), tokenizer)
@@ -228,7 +229,7 @@ def test_missing_tokenizer_is_named():
 
 def test_checkpoint_that_does_not_match_the_model(tokenizer, tmp_path):
     margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 100})
-    model.save_model(model.Transformer(margs), tmp_path / "ckpt")
+    checkpoint.save_model(model.Transformer(margs), tmp_path / "ckpt")
     with pytest.raises(SystemExit, match="not the --model 7b preset"):
         train.main(["--model", "7b", "--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
     with pytest.raises(SystemExit, match="the tokenizer has 320 tokens"):

@@ -1,0 +1,240 @@
+"""checkpoint.py against checkpoint fixtures laid out here the way Meta's model-parallel code and HF's
+convert_llama_weights_to_hf.py lay them out."""
+import json
+
+import pytest
+import torch
+
+import checkpoint as C
+from test_model import assert_same_state, random_model, same_architecture, tiny
+
+# --------------------------------------------------------------------- checkpoint fixtures, written here
+
+SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # fairscale ColumnParallelLinear
+             "wo": 1, "w2": 1, "tok_embeddings": 1}                      # RowParallelLinear, ParallelEmbedding
+
+
+def write_meta_fixture(folder, model, n_shards, vocab_size=-1, **extra_params):
+    a = model.args
+    folder.mkdir()
+    params = dict(dim=a.dim, multiple_of=a.multiple_of, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                  n_layers=a.n_layers, norm_eps=a.norm_eps, vocab_size=vocab_size, **extra_params)
+    (folder / "params.json").write_text(json.dumps(params))
+    for k in range(n_shards):
+        shard = {"rope.freqs": torch.ones(a.head_dim // 2)}
+        for name, t in model.state_dict().items():
+            dim = SPLIT_DIM.get(name.split(".")[-2])
+            shard[name] = t.clone() if dim is None else t.chunk(n_shards, dim)[k].clone()
+        torch.save(shard, folder / f"consolidated.{k:02d}.pth")
+    return folder
+
+
+def hf_permute(w, n_heads, dim1, dim2):  # from HF's convert_llama_weights_to_hf.py
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def hf_state(model):
+    a, out = model.args, {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        if name == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name == "norm.weight":
+            out["model.norm.weight"] = t
+        elif name == "output.weight":
+            out["lm_head.weight"] = t
+        else:
+            i, module = parts[1], ".".join(parts[2:-1])
+            hf = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}[module]
+            if module == "attention.wq":
+                t = hf_permute(t, a.n_heads, a.dim, a.dim)
+            if module == "attention.wk":
+                t = hf_permute(t, a.kv_heads, a.kv_heads * a.head_dim, a.dim)
+            out[f"model.layers.{i}.{hf}.weight"] = t.contiguous()
+    return out
+
+
+def write_hf_bin_fixture(folder, model):
+    a = model.args
+    folder.mkdir()
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
+                  intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                  num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
+                  max_position_embeddings=a.max_seq_len, hidden_act="silu", tie_word_embeddings=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    state = hf_state(model)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(a.head_dim // 2)  # old HF buffer
+    names = list(state)
+    torch.save({n: state[n] for n in names[:9]}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save({n: state[n] for n in names[9:]}, folder / "pytorch_model-00002-of-00002.bin")
+    return folder
+
+
+def test_meta_two_shards_load_like_unsplit(tmp_path):
+    model = random_model()
+    one = C.load_model(write_meta_fixture(tmp_path / "mp1", model, 1))
+    two = C.load_model(write_meta_fixture(tmp_path / "mp2", model, 2))
+    assert same_architecture(one.args, model.args)  # vocab_size -1 taken from the embedding rows
+    assert_same_state(one, model)
+    assert_same_state(two, model)
+    reader = C.open_checkpoint(tmp_path / "mp2")
+    assert reader.names() == list(model.state_dict())
+    for name, rows in [("output.weight", slice(200, 300)), ("layers.1.attention.wk.weight", slice(5, 27)),
+                       ("tok_embeddings.weight", slice(10, 20)), ("layers.0.feed_forward.w2.weight", None),
+                       ("norm.weight", slice(3, 9))]:  # slices across the shard boundary, on both split dims
+        full = model.state_dict()[name]
+        assert torch.equal(reader.read(name, rows), full if rows is None else full[rows]), name
+
+
+def test_hf_layout_round_trip_is_exact(tmp_path):
+    model = random_model()
+    loaded = C.load_model(write_hf_bin_fixture(tmp_path / "hf", model))  # Meta -> HF (permuted) -> Meta
+    assert_same_state(loaded, model)
+    reader = C.open_checkpoint(tmp_path / "hf")
+    for name in ("layers.0.attention.wq.weight", "layers.1.attention.wk.weight"):  # rows cut inside a head
+        assert torch.equal(reader.read(name, slice(5, 27)), model.state_dict()[name][5:27])
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_then_load_is_bit_exact(tmp_path, fmt, dtype):
+    model = random_model().to(dtype)
+    C.save_model(model, tmp_path / "out", format=fmt)
+    loaded = C.load_model(tmp_path / "out", dtype=dtype)
+    assert same_architecture(loaded.args, model.args)
+    assert_same_state(loaded, model)
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_written_files_follow_meta_and_hf_layouts(tmp_path):
+    from safetensors.torch import load_file
+
+    model = random_model()
+    a, state = model.args, model.state_dict()
+    C.save_model(model, tmp_path / "meta", format="meta", n_shards=2)
+    llama2_model_args = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                         "ffn_dim_multiplier", "norm_eps", "max_batch_size", "max_seq_len"}
+    assert set(json.loads((tmp_path / "meta" / "params.json").read_text())) <= llama2_model_args
+    for k in range(2):
+        shard = torch.load(tmp_path / "meta" / f"consolidated.{k:02d}.pth", weights_only=True)
+        assert list(shard) == list(state)
+        for name, t in state.items():
+            dim = SPLIT_DIM.get(name.split(".")[-2])
+            assert torch.equal(shard[name], t if dim is None else t.chunk(2, dim)[k]), name
+    assert_same_state(C.load_model(tmp_path / "meta"), model)
+
+    C.save_model(model, tmp_path / "hf", format="hf")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    written = {}
+    for file in set(index["weight_map"].values()):
+        written.update(load_file(tmp_path / "hf" / file))
+    expected = hf_state(model)
+    assert sorted(written) == sorted(expected) == sorted(index["weight_map"])
+    for name in expected:
+        assert torch.equal(written[name], expected[name]), name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["intermediate_size"]) == (a.kv_heads, a.hidden_dim)
+
+
+def test_hf_intermediate_size_survives_both_formats(tmp_path):
+    model = random_model(tiny(ffn_hidden_dim=160))  # not reachable by Meta's rule with multiple_of=32
+    C.save_model(model, tmp_path / "hf", format="hf")
+    from_hf = C.load_model(tmp_path / "hf")
+    assert from_hf.args.hidden_dim == 160
+    C.save_model(from_hf, tmp_path / "meta", format="meta")
+    from_meta = C.load_model(tmp_path / "meta")
+    assert from_meta.args.hidden_dim == 160
+    assert_same_state(from_meta, model)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_missing_config_files(tmp_path):
+    folder = write_meta_fixture(tmp_path / "meta", random_model(), 1)
+    (folder / "params.json").unlink()
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        C.load_model(folder)
+    C.save_model(random_model(), tmp_path / "hf", format="hf")
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        C.load_model(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        C.load_model(tmp_path / "nowhere")
+
+
+def test_shard_count_must_match_files(tmp_path):
+    folder = write_meta_fixture(tmp_path / "a", random_model(), 2)
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(ValueError, match="1 shard file.*2 shards are expected"):
+        C.load_model(folder)
+    folder = write_meta_fixture(tmp_path / "b", random_model(), 2)
+    (folder / "consolidated.01.pth").rename(folder / "consolidated.02.pth")
+    with pytest.raises(ValueError, match="consolidated.01.pth"):
+        C.load_model(folder)
+    with pytest.raises(ValueError, match="3 model-parallel shards cannot split"):
+        C.MetaWriter(tmp_path / "c", tiny(), n_shards=3)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    model = random_model()
+    folder = write_meta_fixture(tmp_path / "m", model, 1)
+    shard = torch.load(folder / "consolidated.00.pth")
+    del shard["layers.1.ffn_norm.weight"]
+    shard["layers.1.attention.bias"] = torch.zeros(3)
+    torch.save(shard, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"missing keys \['layers.1.ffn_norm.weight'\], unexpected keys "
+                                         r"\['layers.1.attention.bias'\]"):
+        C.load_model(folder)
+
+
+def test_shape_that_does_not_match_config_names_file(tmp_path):
+    model = random_model()
+    folder = write_meta_fixture(tmp_path / "m", model, 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "multiple_of": 128}))  # FFN 256, files 192
+    with pytest.raises(ValueError, match=r"layers.0.feed_forward.w1.weight: \(192, 64\) in .*consolidated.00.pth"
+                                         r", config says \(256, 64\)"):
+        C.load_model(folder)
+
+
+def test_tokenizer_vocab_must_match_embedding(tmp_path):
+    folder = write_meta_fixture(tmp_path / "m", random_model(), 1)
+    with pytest.raises(ValueError, match="tokenizer has 32000 tokens.*has 512 rows"):
+        C.load_model(folder, vocab_size=32000)
+    assert C.load_model(folder, vocab_size=512).args.vocab_size == 512
+
+
+def test_config_fields_that_change_the_model_are_errors(tmp_path):
+    folder = write_meta_fixture(tmp_path / "m", random_model(), 1, use_scaled_rope=True)
+    with pytest.raises(ValueError, match=r"params.json: fields \['use_scaled_rope'\]"):
+        C.load_model(folder)
+    folder = write_meta_fixture(tmp_path / "ok", random_model(), 1, max_batch_size=32)  # harmless: ignored
+    assert C.load_model(folder).args.vocab_size == 512
+    folder = write_hf_bin_fixture(tmp_path / "hf", random_model())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="config.json: rope_scaling"):
+        C.load_model(folder)
+
+
+def test_writers_never_overwrite_or_leave_partial_output(tmp_path):
+    model = random_model()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        C.save_model(model, tmp_path / "full", format="hf")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
+    with pytest.raises(ValueError, match="tensors missing"):
+        with C.MetaWriter(tmp_path / "partial", model.args) as writer:
+            writer.write({"tok_embeddings.weight": model.tok_embeddings.weight})
+    with pytest.raises(ValueError, match="shape"):
+        with C.HFWriter(tmp_path / "bad", model.args) as writer:
+            writer.write({"norm.weight": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
