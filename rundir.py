@@ -293,17 +293,19 @@ class RunDir:
 
     def load(self, model, opt, sched) -> tuple[int, tuple]:
         """Restore this rank's part of the --resume checkpoint (check() has checked that it fits this run)."""
-        path = Path(self.args.resume)
+        path, problem = Path(self.args.resume), None
         try:
             state = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
         except Exception as e:  # a missing, truncated or corrupt file
-            raise SystemExit(f"--resume {path}: cannot read rank{self.rank}.pt ({e}); the checkpoint is corrupt")
-        saved = {n: tuple(t.shape) for n, t in state["model"].items()}
-        wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
-        if saved != wanted:
-            wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
-            raise SystemExit(f"--resume {path} holds a different model than --model / --ckpt describe "
-                             f"(first differences: {wrong}); pass the flags of the run that saved it")
+            problem = f"--resume {path}: cannot read rank{self.rank}.pt ({e}); the checkpoint is corrupt"
+        else:
+            saved = {n: tuple(t.shape) for n, t in state["model"].items()}
+            wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
+            if saved != wanted:
+                wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
+                problem = (f"--resume {path} holds a different model than --model / --ckpt describe (first "
+                           f"differences: {wrong}); pass the flags of the run that saved it")
+        raise_together(problem, self.world)  # so that no rank goes on to train alone
         with torch.no_grad():
             for name, t in shard.local_tensors(model).items():
                 t.copy_(state["model"][name])

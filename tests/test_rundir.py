@@ -280,3 +280,22 @@ def test_low_disk_space_is_warned_of(tokenizer, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert f"warning: {tmp_path / 'run'} has 0.00 MiB free, but a checkpoint needs about" in out
     assert f"warning: {tmp_path} has 0.00 MiB free, but the export needs about" in out
+
+
+def _three_rank_worker(rank, world, argv, full, resumed):
+    train.main(argv + ["--save-dir", full])
+    train.main(argv + ["--save-dir", resumed, "--resume", str(Path(full) / "step_00000002")])
+
+
+def test_three_ranks_resume_exactly(tokenizer, tmp_path):
+    """3 ranks, uneven row shards (dim 64 and vocab 320 over 3) and an uneven last batch (10 examples, 6 a step)."""
+    argv = ["--tokenizer", tokenizer, "--train-samples", "10", "--epochs", "2", "--batch-size", "2", "--eval-samples",
+            "3", "--max-len", "48", "--optimizer", "adalomo", "--lr", "0.01", "--save-every", "2", "--keep-last", "5"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_workers(_three_rank_worker, argv, str(full), str(resumed), world_size=3)
+    assert [r.get("loss") for r in rows(resumed)] == [r.get("loss") for r in rows(full)[-len(rows(resumed)):]]
+    assert [r["step"] for r in rows(resumed) if "loss" in r] == [3, 4]
+    for r in range(3):
+        a, b = (torch.load(f / "step_00000004" / f"rank{r}.pt", weights_only=False) for f in (full, resumed))
+        assert a["rows"] == b["rows"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), r
