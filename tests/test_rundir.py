@@ -67,7 +67,7 @@ def crash_at_step(monkeypatch, n):
 
 # ---------------------------------------------------------------------------------------- one run per folder
 
-def test_a_used_save_dir_is_refused_and_overwrite_starts_afresh(tokenizer, tmp_path, capsys):
+def test_a_used_save_dir_is_refused_and_overwrite_starts_afresh(tokenizer, tmp_path):
     small = ["--tokenizer", tokenizer, "--train-samples", "8", "--epochs", "1", "--batch-size", "4",
              "--eval-samples", "2", "--max-len", "48"]
     train.main(small + ["--seed", "1", "--save-dir", str(tmp_path / "a")])

@@ -59,17 +59,22 @@ CONFIGS = {  # name: flags; every one runs on 1 rank (batch 8) and on 2 ranks (b
 }
 
 
+DEMO = ["--train-samples", "64", "--epochs", "1", "--eval-samples", "4"]  # the plain demo, cut short
+
+
 @pytest.fixture(scope="module")
 def runs(tokenizer, tmp_path_factory):
-    """Every config once on 2 ranks (one set of processes) and once in this process; returns their folders."""
+    """Every config once on 2 ranks (one set of processes) and once in this process; returns their folders. The
+    demo too, without --batch-size: its global batch of 16 is split over the ranks."""
     root = tmp_path_factory.mktemp("runs")
     common = SMALL + ["--tokenizer", tokenizer]
     two = [common + flags + ["--batch-size", "4", "--save-dir", str(root / f"{name}-2")]
            for name, flags in CONFIGS.items()]
-    run(two, world=2)
+    run(two + [DEMO + ["--save-dir", str(root / "demo-2")]], world=2)
     for name, flags in CONFIGS.items():
         if name != "fsdp2":
             run(common + flags + ["--batch-size", "8", "--save-dir", str(root / f"{name}-1")])
+    run(DEMO + ["--save-dir", str(root / "demo-1")])
     return root
 
 
@@ -84,6 +89,13 @@ def test_two_ranks_equal_one_process(runs, name):
     p1, p2 = final_params(runs / f"{name}-1"), final_params(runs / f"{name}-2")
     for key in p1:
         torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_two_rank_demo_trains_the_one_process_steps(runs):
+    """The plain demo (no --batch-size) on 2 ranks: the same global batches, so the same losses."""
+    (one, _), (two, _) = metrics(runs / "demo-1"), metrics(runs / "demo-2")
+    assert len(one) == len(two) == 4
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
 
 
 def test_fsdp2_equals_hand_written_sharding(runs):
@@ -233,20 +245,6 @@ def test_the_demo_batch_is_global(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args([])
     assert "the demo's global batch of 16 does not split over 3 ranks: pass --batch-size" in capsys.readouterr().err
-
-
-def _demo_worker(rank, world, argv):
-    train.main(argv)
-
-
-def test_two_rank_demo_trains_the_one_process_steps(tmp_path):
-    """The plain demo (no --batch-size) on 2 ranks: the same global batches, so the same losses."""
-    demo = ["--train-samples", "64", "--epochs", "1", "--eval-samples", "4"]
-    train.main(demo + ["--save-dir", str(tmp_path / "one")])
-    run_workers(_demo_worker, demo + ["--save-dir", str(tmp_path / "two")])
-    (one, _), (two, _) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
 
 
 def test_the_demo_tokenizer_needs_no_shared_folder(tmp_path, monkeypatch):
