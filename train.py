@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 import data
 import shard
+import superglue
 from lomo import LOMO, AdaLomo
 from checkpoint import HFWriter, MetaWriter, open_checkpoint
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
 from plan import print_plan
+from tokenizer import Tokenizer, train_tokenizer
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
-    p.add_argument("--task", default="synthetic", help=f"synthetic or a SuperGLUE task: {', '.join(data.TASKS)}")
+    p.add_argument("--task", default="synthetic",
+                   help=f"synthetic or a SuperGLUE task: {', '.join(superglue.TASKS)}")
     p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
     p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
     p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
@@ -94,11 +97,11 @@ def parse_args(argv=None):
     args.model = args.model or ("tiny" if not args.ckpt else None)
     if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
-    if args.task != "synthetic" and args.task.lower() not in data.TASKS:
-        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(data.TASKS)}")
+    if args.task != "synthetic" and args.task.lower() not in superglue.TASKS:
+        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(superglue.TASKS)}")
     if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
         p.error(f"--data-dir {args.data_dir!r} is not a folder: a SuperGLUE task needs the folder that holds "
-                f"{data.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+                f"{superglue.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
     for flag in ("batch_size", "train_samples", "eval_samples", "max_len", "world_size", "keep_last"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -132,16 +135,16 @@ def all_reduce(x, world, op=dist.ReduceOp.SUM):
 
 def load_tokenizer(args, rank, world):
     if args.tokenizer:
-        return data.Tokenizer(args.tokenizer)
+        return Tokenizer(args.tokenizer)
     if args.task != "synthetic":
         raise SystemExit("--tokenizer is required for a SuperGLUE task (LLaMA's tokenizer.model)")
     folder = Path(tempfile.gettempdir()) / "lomo-demo-tokenizer"
     if rank == 0:  # sentencepiece training is deterministic, so the demo tokenizer is the same every time
         folder.mkdir(exist_ok=True)
-        data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+        train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
     if world > 1:
         dist.barrier()
-    return data.Tokenizer(str(folder / "synthetic.model"))
+    return Tokenizer(str(folder / "synthetic.model"))
 
 
 def model_args(args, tok):
@@ -395,7 +398,7 @@ def export(args, model, margs, rank):
 def load_examples(args, split, n):
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
-    return data.sample_examples(data.load_task(args.task, args.data_dir, split), n, args.seed)
+    return superglue.sample_examples(superglue.load_task(args.task, args.data_dir, split), n, args.seed)
 
 
 def log(path, row):
@@ -456,7 +459,7 @@ def run(args, rank, world, device):
 
     def run_eval():
         preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
-        metrics = data.compute_metrics(task, val_set, preds)
+        metrics = superglue.compute_metrics(task, val_set, preds)
         if rank == 0:
             log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
         return metrics
@@ -491,10 +494,10 @@ def run(args, rank, world, device):
         save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
     metrics = run_eval()
     if args.predict:
-        test_set = data.load_task(task, args.data_dir, "test")
+        test_set = superglue.load_task(task, args.data_dir, "test")
         preds = data.predict(test_set, evaluate(model, tok, test_set, args, rank, world, device))
         if rank == 0:
-            print("predictions:", data.write_predictions(task, test_set, preds, args.save_dir))
+            print("predictions:", superglue.write_predictions(task, test_set, preds, args.save_dir))
     if args.export:
         export(args, model, margs, rank)
     if rank == 0:
