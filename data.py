@@ -100,29 +100,40 @@ def fit_prompt(tok: Tokenizer, ex: Example, max_len: int) -> str:
     return cut(lo)
 
 
-def _encode_answer(tok: Tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """BOS + prompt + answer + EOS, encoded jointly. The answer's tokens are those after the longest common
-    prefix with the prompt's own encoding: LLaMA encodes "Answer: " as [..., ':', '▁'] but "Answer: Yes" as
-    [..., ':', '▁Yes'], so the lone '▁' merges into the answer's first token."""
-    prompt_ids = tok.encode(prompt, bos=True, eos=False)
-    ids = tok.encode(prompt + answer, bos=True, eos=True)
+def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    while n < min(len(prompt_ids), len(ids) - 1) and prompt_ids[n] == ids[n]:
+    while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
-    return ids, [IGNORE_INDEX] * n + ids[n:]
+    return n
+
+
+def _encode_answers(tok: Tokenizer, prompt: str, answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of BOS + prompt + answer + EOS for every answer, each encoded jointly; labels are -100 on a
+    prefix that all answers share with the prompt's own encoding, and the tokens after it are the targets.
+
+    The prompt's last token may merge with an answer: LLaMA encodes "Answer: " as [..., ':', '▁'] and
+    "Answer: Yes" as [..., ':', '▁Yes'], while "Answer: 3-D" keeps the lone '▁' ([..., ':', '▁', '3', ...]). The
+    scored part starts at the same token for every answer, here after ':', so that the scores of an example are
+    probabilities of the same event ("3-D" pays for its '▁' too). That is the official rule, labels[:len(source)
+    - 1] masked (OpenLMLab/LOMO src/mydatasets.py _tokenize_fn), wherever an answer absorbs the prompt's last
+    token; and a lone answer (a completion) is scored from its first token that differs from the prompt's."""
+    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+    seqs = [tok.encode(prompt + answer, bos=True, eos=True) for answer in answers]
+    n = min(min(_common_prefix(prompt_ids, ids), len(ids) - 1) for ids in seqs)
+    return [(ids, [IGNORE_INDEX] * n + ids[n:]) for ids in seqs]
 
 
 def encode_train(tok: Tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(ids, labels) of prompt + gold answer + EOS; labels are -100 except on the answer tokens and EOS."""
+    """(ids, labels) of prompt + gold answer + EOS, exactly as encode_candidates() scores the gold answer."""
     if ex.gold is None:
         raise ValueError(f"{ex.task} example {ex.idx} has no label (test split?); it cannot be trained on")
-    return _encode_answer(tok, fit_prompt(tok, ex, max_len), ex.candidates[ex.gold])
+    return encode_candidates(tok, ex, max_len)[ex.gold]
 
 
 def encode_candidates(tok: Tokenizer, ex: Example, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """One (ids, labels) per candidate, all sharing the same (possibly cut) prompt; masking as encode_train."""
-    prompt = fit_prompt(tok, ex, max_len)
-    return [_encode_answer(tok, prompt, c) for c in ex.candidates]
+    """One (ids, labels) per candidate, all sharing the same (possibly cut) prompt and the same unscored prefix;
+    labels are -100 except on the answer tokens (from the prompt's last token on, see _encode_answers) and EOS."""
+    return _encode_answers(tok, fit_prompt(tok, ex, max_len), ex.candidates)
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,3 +1,4 @@
+import collections
 import math
 import re
 
@@ -84,6 +85,50 @@ def test_eos_keeps_a_prefix_from_winning(tok):
     tokens, labels = data.collate(no_eos, tok.pad_id)
     without_eos = data.sequence_logprobs(model(tokens), labels)
     assert without_eos[0] > without_eos[1]
+
+
+def sequence_model(probs, n_words):
+    """A rigged causal 'model' that gives each whole token sequence in `probs` its probability: at every position
+    the next token follows the sequences that agree with the tokens so far (every other token gets ~0)."""
+    def logits_fn(tokens):
+        logits = torch.full((*tokens.shape, n_words), -1e4)
+        for b, row in enumerate(tokens.tolist()):
+            for t in range(len(row)):
+                following = collections.Counter()
+                for seq, p in probs.items():
+                    if len(seq) > t + 1 and tuple(row[:t + 1]) == seq[:t + 1]:
+                        following[seq[t + 1]] += p
+                for token, p in following.items():
+                    logits[b, t, token] = math.log(p / sum(following.values()))
+        return logits
+    return logits_fn
+
+
+def test_candidates_starting_with_a_digit_are_scored_without_bias(real_tok):
+    """LLaMA encodes "Answer: " as [..., ':', '▁']; " CNN" absorbs the '▁' ('▁CNN'), "3-D" does not ('▁', '3', ...).
+    Every candidate is scored from the token after ':', as in the official code, so "3-D" pays for its '▁' too:
+    with P(" CNN") = 0.45 and P(" 3-D") = 0.35, CNN wins."""
+    ex = data.Example("record", 0, "", "The 3-D film was shown on CNN.", "\n@placeholder aired it.\nAnswer: ",
+                      ["3-D", "CNN"], 1)
+    assert real_tok.encode(ex.prompt, bos=True, eos=False)[-2:] == [29901, 29871]  # ':', '▁'
+    full = {c: tuple(real_tok.encode(ex.prompt + c, bos=True, eos=True)) for c in ("CNN", "3-D", "BBC")}
+    model = sequence_model({full["CNN"]: 0.45, full["3-D"]: 0.35, full["BBC"]: 0.2}, real_tok.n_words)
+    scores = data.score_candidates(model, real_tok, [ex], 256, batch_size=4)
+    assert scores[0] == pytest.approx([math.log(0.35), math.log(0.45)], abs=1e-4)
+    assert data.predict([ex], scores) == [1]
+
+
+def test_every_candidate_shares_the_prompt_prefix(real_tok):
+    """Digits, CJK characters and emoji do not merge with the '▁' of "Answer: ", words do: all are scored from the
+    same position, and training labels mask exactly what the official `labels[:len(source) - 1]` masks."""
+    ex = data.Example("record", 0, "", "Tokyo got 3-D emoji.", "\nAnswer: ", ["CNN", "3-D", "東京", "🙂", "Yes"], 2)
+    n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1  # the official rule
+    encoded = data.encode_candidates(real_tok, ex, 256)
+    for (ids, labels), answer in zip(encoded, ex.candidates):
+        assert labels == [data.IGNORE_INDEX] * n + ids[n:] and ids[:n] == encoded[0][0][:n]
+        assert answer_part(real_tok, ids, labels) == answer
+    assert [ids[n] for ids, _ in encoded].count(29871) == 3  # the lone '▁' is scored for 3-D, 東京 and 🙂
+    assert data.encode_train(real_tok, ex, 256) == encoded[2]
 
 
 def test_candidate_batches_keep_examples_whole():

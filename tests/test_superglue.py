@@ -326,3 +326,21 @@ def test_real_superglue_files(real_tok, split):
     if split == "val":  # "Morgan" is gold too, so it is dropped from the candidates
         tracy = superglue.load_task("record", REAL_SUPERGLUE, "val")[0]
         assert tracy.answers == ["Tracy Morgan", "Morgan"] and "Morgan" not in tracy.candidates
+
+
+def test_real_files_are_encoded_as_the_official_code_does(real_tok):
+    """Every candidate of every real example, passage uncut: the label mask of OpenLMLab/LOMO's _tokenize_fn,
+    labels[:len(tokenizer.encode(source)) - 1], which scores ReCoRD's lone '▁' before "3-D" and the like."""
+    if not os.path.isdir(REAL_SUPERGLUE):
+        pytest.skip("../shared/realdata/superglue is absent")
+    lone = 0
+    for task in superglue.TASKS:
+        for split in ("train", "val"):
+            for ex in superglue.load_task(task, REAL_SUPERGLUE, split)[:300]:  # MultiRC has 7,303: 300 suffice
+                n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1
+                for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 4096), ex.candidates):
+                    assert ids == real_tok.encode(ex.prompt + answer, bos=True, eos=True)
+                    assert labels == [data.IGNORE_INDEX] * n + ids[n:], (task, ex.idx, answer)
+                    lone += ids[n] == 29871
+    assert lone >= 6  # the ReCoRD candidates that start with a digit
+
