@@ -5,6 +5,7 @@ Every example is a prompt plus candidate answers, as in the paper's SuperGLUE ex
 templates from OpenLMLab/LOMO src/mydatasets.py). Training teaches prompt + gold answer + EOS; evaluation picks
 the candidate whose tokens and the EOS after them have the highest summed log-likelihood given the prompt.
 """
+import collections
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -198,6 +199,41 @@ def predict(examples: list[Example], scores: list[list[float]]) -> list[int]:
             raise ValueError(f"{ex.task} example {ex.idx}: {len(ex.candidates)} candidates but {len(s)} scores")
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def paper_subset(examples: list[Example], n: int) -> list[Example]:
+    """The paper's subset (OpenLMLab/LOMO src/mydatasets.py): n rows drawn by random.sample after random.seed(0),
+    whatever the training seed, in the order drawn; all rows when there are no more than n. A row is an example:
+    a MultiRC answer, a ReCoRD query, as in Hugging Face's super_glue, from which the paper's code samples."""
+    if n < 1:
+        raise ValueError(f"cannot sample n={n} examples; n must be at least 1")
+    if n >= len(examples):
+        return list(examples)
+    return [examples[i] for i in random.Random(0).sample(range(len(examples)), n)]
+
+
+def group_subset(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """About n examples drawn with `seed`, taking whole groups (a MultiRC question with all its answers), so that
+    per-question exact match means what it says; the last group taken may overshoot n. Order is kept."""
+    if n < 1:
+        raise ValueError(f"cannot sample n={n} examples; n must be at least 1")
+    if n >= len(examples):
+        return list(examples)
+    groups = collections.defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[ex.group].append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    chosen = []
+    for members in order:
+        if len(chosen) >= n:
+            break
+        chosen.extend(members)
+    return [examples[i] for i in sorted(chosen)]
+
+
+# ------------------------------------------------------------------------------------------------ batching
 
 def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
     """This rank's share of every global batch of one epoch. Indices 0..n-1 are shuffled deterministically by

@@ -3,7 +3,6 @@ sampling, the metrics, and submission files."""
 import collections
 import json
 import os
-import random
 import re
 import string
 import tempfile
@@ -84,34 +83,35 @@ def _parse_multirc(r, where, labelled):
 
 
 def _parse_record(r, where, labelled):
-    """One example per query. Entity/answer `end` offsets are inclusive. Candidates are the distinct entity
-    strings in passage order; as in the paper's code, gold answers other than the first are dropped from them,
-    so exactly one candidate is gold, while `answers` keeps every gold string for the metric."""
+    """One example per query, as the rows of Hugging Face's super_glue loader that the paper's code reads:
+    candidates are the distinct entity strings in sorted order (entity `end` offsets are inclusive), the gold is
+    the first of the sorted distinct answers, and the other answers are dropped from the candidates (process_record
+    in OpenLMLab/LOMO src/mydatasets.py): of "Morgan" and "Tracy Morgan", both right, "Morgan" is the gold and
+    "Tracy Morgan" no candidate. `answers` keeps every gold for the metric. The order decides ties."""
     passage = _get(r, "passage", where)
     text = _get(passage, "text", f"{where}, passage")
 
-    def span(e, w):
+    def entity(e, w):
         start, end = _get(e, "start", w), _get(e, "end", w)
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(text)):
             raise ValueError(f"{w}: span [{start}, {end}] (inclusive) is outside the passage of {len(text)} characters")
-        return start, text[start:end + 1]
+        return text[start:end + 1]
 
-    spans = [span(e, f"{where}, passage.entities[{i}]")
-             for i, e in enumerate(_get(passage, "entities", f"{where}, passage"))]
+    entities = sorted({entity(e, f"{where}, passage.entities[{i}]")
+                       for i, e in enumerate(_get(passage, "entities", f"{where}, passage"))})
     shown = text.replace("@highlight\n", "- ")
     for qi, q in enumerate(_get(r, "qas", where)):
         q_where = f"{where}, qas[{qi}]"
         q_idx, query = _get(q, "idx", q_where), _get(q, "query", q_where)
-        answers, gold_span = [], []
+        answers = []
         if labelled:
             gold = _get(q, "answers", q_where)
             if not gold:
                 raise ValueError(f"{q_where}: field 'answers' is empty")
-            answers = list(dict.fromkeys(_get(a, "text", f"{q_where}.answers[{i}]") for i, a in enumerate(gold)))
-            # the first gold is a candidate even if no entity spells it the same way
-            gold_span = [(span(gold[0], f"{q_where}.answers[0]")[0], answers[0])]
-        drop = set(answers[1:])
-        candidates = [t for t in dict.fromkeys(t for _, t in sorted(spans + gold_span)) if t not in drop]
+            answers = sorted({_get(a, "text", f"{q_where}.answers[{i}]") for i, a in enumerate(gold)})
+        candidates = [e for e in entities if e not in answers[1:]]
+        if answers and answers[0] not in candidates:  # no entity spells the gold so (the paper's code would fail)
+            candidates = sorted(candidates + answers[:1])
         if not candidates:
             raise ValueError(f"{where}: field 'passage.entities' is empty, so query {q_idx} has no candidates")
         after = f"\n{query}\nQuestion: What is the \"@placeholder\"?\nAnswer: "
@@ -167,28 +167,6 @@ def load_task(task: str, data_dir: str, split: str) -> list[Example]:
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-
-def sample_examples(examples: list[Example], n: int, seed: int) -> list[Example]:
-    """About n examples drawn with a fixed seed, taking whole groups (a MultiRC question with all its answers,
-    a ReCoRD query), so the last group taken may overshoot n. n >= len(examples) returns all. Order is kept."""
-    if n < 1:
-        raise ValueError(f"cannot sample n={n} examples; n must be at least 1")
-    if n >= len(examples):
-        return list(examples)
-    groups = collections.defaultdict(list)
-    for i, ex in enumerate(examples):
-        groups[ex.group].append(i)
-    order = list(groups.values())
-    random.Random(seed).shuffle(order)
-    chosen = []
-    for members in order:
-        if len(chosen) >= n:
-            break
-        chosen.extend(members)
-    return [examples[i] for i in sorted(chosen)]
 
 
 # ------------------------------------------------------------------------------------------------- metrics

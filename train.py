@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
     p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
     p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
+    p.add_argument("--sampling", default="paper", choices=("paper", "groups"),
+                   help="paper: the paper's subsets (random.sample with seed 0, whatever --seed); groups: whole "
+                   "MultiRC questions, drawn with --seed")
     p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
     p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
                    help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
@@ -398,7 +401,10 @@ def export(args, model, margs, rank):
 def load_examples(args, split, n):
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
-    return superglue.sample_examples(superglue.load_task(args.task, args.data_dir, split), n, args.seed)
+    examples = superglue.load_task(args.task, args.data_dir, split)
+    if args.sampling == "paper":
+        return data.paper_subset(examples, n)
+    return data.group_subset(examples, n, args.seed)
 
 
 def log(path, row):

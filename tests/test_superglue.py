@@ -1,11 +1,13 @@
 import json
 import os
+import random
 import re
 
 import pytest
 
 import data
 import superglue
+import train
 from conftest import REAL_SUPERGLUE, answer_part
 
 
@@ -72,8 +74,8 @@ FIXTURES = {
                                dict(span(RECORD_TEXT, "Tracy Morgan", 1), text="Tracy Morgan")]},
                   {"idx": 1, "answers": [dict(span(RECORD_TEXT, "NBC"), text="NBC")],
                    "query": "The show is on @placeholder."}], "idx": 0}],
-        [(RECORD_SHOWN + "\n@placeholder will host the show." + QUESTION, ["Tracy Morgan", "SNL", "NBC"], 0),
-         (RECORD_SHOWN + "\nThe show is on @placeholder." + QUESTION, ["Tracy Morgan", "SNL", "Morgan", "NBC"], 3)]),
+        [(RECORD_SHOWN + "\n@placeholder will host the show." + QUESTION, ["Morgan", "NBC", "SNL"], 0),
+         (RECORD_SHOWN + "\nThe show is on @placeholder." + QUESTION, ["Morgan", "NBC", "SNL", "Tracy Morgan"], 1)]),
     "rte": (
         [{"premise": "Dana Reeve died of lung cancer.", "hypothesis": "Dana Reeve is dead.", "label": "entailment",
           "idx": 0},
@@ -142,8 +144,8 @@ def test_test_split_loads_without_labels(sg_dir, task):
     test, train = superglue.load_task(task, sg_dir, "test"), superglue.load_task(task, sg_dir, "train")
     assert [ex.gold for ex in test] == [None] * len(train)
     assert [(ex.prompt, ex.idx) for ex in test] == [(ex.prompt, ex.idx) for ex in train]
-    if task == "record":  # without golds, every distinct entity is a candidate
-        assert test[0].candidates == ["Tracy Morgan", "SNL", "Morgan", "NBC"]
+    if task == "record":  # without golds, every distinct entity is a candidate, sorted
+        assert test[0].candidates == ["Morgan", "NBC", "SNL", "Tracy Morgan"]
 
 
 def test_multirc_ids_and_groups(sg_dir):
@@ -157,7 +159,7 @@ def test_multirc_ids_and_groups(sg_dir):
 
 def test_record_keeps_every_gold_answer(sg_dir):
     first, second = superglue.load_task("record", sg_dir, "val")
-    assert first.answers == ["Tracy Morgan", "Morgan"] and second.answers == ["NBC"]
+    assert first.answers == ["Morgan", "Tracy Morgan"] and second.answers == ["NBC"]
     assert first.idx == {"passage": 0, "query": 0} and second.group == 1
 
 
@@ -262,7 +264,7 @@ def test_write_predictions_submission_format(sg_dir, tmp_path):
     assert written("rte", [1, 0]) == [{"idx": 0, "label": "not_entailment"}, {"idx": 1, "label": "entailment"}]
     assert written("wic", [1]) == [{"idx": 0, "label": "true"}]
     assert written("wsc", [0, 1]) == [{"idx": 0, "label": "False"}, {"idx": 1, "label": "True"}]
-    assert written("record", [3, 1]) == [{"idx": 0, "label": "NBC"}, {"idx": 1, "label": "SNL"}]
+    assert written("record", [1, 3]) == [{"idx": 0, "label": "NBC"}, {"idx": 1, "label": "Tracy Morgan"}]
     assert written("multirc", [1, 0, 1, 1]) == [
         {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]},
                                              {"idx": 1, "answers": [{"idx": 2, "label": 1}]}]}},
@@ -272,15 +274,88 @@ def test_write_predictions_submission_format(sg_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-def test_sample_examples_takes_whole_groups():
+def hf_rows(task, records):
+    """The rows of Hugging Face's super_glue loader, which the paper's code samples from, written independently of
+    superglue.py: MultiRC yields one row per answer; ReCoRD one per query, its entities sorted and de-duplicated,
+    its answers too; and the paper's process_record() drops the golds after the first from the choices."""
+    if task == "multirc":
+        return [{"idx": {"paragraph": r["idx"], "question": q["idx"], "answer": a["idx"]}}
+                for r in records for q in r["passage"]["questions"] for a in q["answers"]]
+    if task != "record":
+        return [{"idx": r["idx"]} for r in records]
+    rows = []
+    for r in records:
+        text = r["passage"]["text"]
+        entities = sorted({text[e["start"]:e["end"] + 1] for e in r["passage"]["entities"]})
+        for q in r["qas"]:
+            answers = sorted({a["text"] for a in q["answers"]})
+            choices = [e for e in entities if e not in answers[1:]]
+            rows.append({"idx": {"passage": r["idx"], "query": q["idx"]}, "choices": choices,
+                         "answer_idx": choices.index(answers[0])})
+    return rows
+
+
+def paper_sample(rows, n):
+    """OpenLMLab/LOMO src/mydatasets.py: REPRODUCIBILITY_SEED = 0, whatever the training seed."""
+    if len(rows) <= n:
+        return rows
+    random.seed(0)
+    return [rows[i] for i in random.sample(list(range(len(rows))), n)]
+
+
+def sampling_fixture(task):
+    """Official-schema records with more rows than are sampled: BoolQ 23 rows; MultiRC 4 passages x 3 questions x
+    1-4 answers; ReCoRD 3 passages x 4 queries, entities repeated and out of order, some queries with two golds."""
+    rng = random.Random(1)
+    if task == "boolq":
+        return [{"idx": i, "question": f"q{i}", "passage": f"p{i}", "label": i % 3 == 0} for i in range(23)]
+    if task == "multirc":
+        records, n_q, n_a = [], 0, 0
+        for p in range(4):
+            questions = []
+            for _ in range(3):
+                answers = [{"idx": n_a + k, "text": f"answer {n_a + k}", "label": rng.randint(0, 1)}
+                           for k in range(rng.randint(1, 4))]
+                questions.append({"idx": n_q, "question": f"question {n_q}", "answers": answers})
+                n_q, n_a = n_q + 1, n_a + len(answers)
+            records.append({"idx": p, "passage": {"text": f"Passage {p}.", "questions": questions}})
+        return records
+    records = []
+    for p in range(3):
+        names = rng.sample(["Zoe", "Bob", "3-D", "CNN", "Paris", "NASA", "Tracy Morgan", "Ann", "BBC"], 6)
+        text = ", ".join(names) + f" met. @highlight\n{names[0]} left"
+        entities = [span(text, name) for name in names] + [span(text, names[0], 1)]
+        qas = [{"idx": 4 * p + k, "query": f"@placeholder did {k}.",
+                "answers": [dict(span(text, g), text=g) for g in [names[k + 1]] + [names[k]] * (k % 2)]}
+               for k in range(4)]
+        records.append({"idx": p, "passage": {"text": text, "entities": entities}, "qas": qas})
+    return records
+
+
+@pytest.mark.parametrize("task", ["boolq", "multirc", "record"])
+def test_default_subsets_are_the_papers(tmp_path, task):
+    """train.py's default sampling picks the rows that the paper's code picks, in its order, for any --seed."""
+    records = sampling_fixture(task)
+    for split in ("train", "val"):
+        write_jsonl(os.path.join(tmp_path, superglue.TASK_DIRS[task], f"{split}.jsonl"), records)
+    for seed in ("42", "7"):
+        args = train.parse_args(["--task", task, "--data-dir", str(tmp_path), "--seed", seed])
+        for split in ("train", "val"):
+            got, want = train.load_examples(args, split, 5), paper_sample(hf_rows(task, records), 5)
+            assert [ex.idx for ex in got] == [row["idx"] for row in want]
+            if task == "record":
+                assert [(ex.candidates, ex.gold) for ex in got] == [(r["choices"], r["answer_idx"]) for r in want]
+
+
+def test_group_subsets_take_whole_groups():
     examples = [make("multirc", i % 2, group=i // 3) for i in range(30)]  # 10 questions of 3 answers
-    sample = superglue.sample_examples(examples, 7, seed=0)
+    sample = data.group_subset(examples, 7, seed=0)
     groups = [ex.group for ex in sample]
     assert len(sample) == 9 and all(groups.count(g) == 3 for g in groups)
-    assert [ex.group for ex in superglue.sample_examples(examples, 7, seed=0)] == groups
-    others = {tuple(ex.group for ex in superglue.sample_examples(examples, 7, seed=s)) for s in range(5)}
+    assert [ex.group for ex in data.group_subset(examples, 7, seed=0)] == groups
+    others = {tuple(ex.group for ex in data.group_subset(examples, 7, seed=s)) for s in range(5)}
     assert others != {tuple(groups)}
-    assert superglue.sample_examples(examples, 30, seed=0) == examples
+    assert data.group_subset(examples, 30, seed=0) == examples
 
 
 # ----------------------------------------------------------------------------------------------- real data
@@ -313,19 +388,19 @@ def test_real_superglue_files(real_tok, split):
         elif task == "multirc":
             answers = [a for r in raw for q in r["passage"]["questions"] for a in q["answers"]]
             assert [ex.gold for ex in examples] == [a["label"] for a in answers]
-        else:  # record: one example per query; its gold candidate is the first gold answer
-            queries = [q for r in raw for q in r["qas"]]
-            assert [ex.idx["query"] for ex in examples] == [q["idx"] for q in queries]
-            for ex, q in zip(examples, queries):
-                assert ex.candidates[ex.gold] == q["answers"][0]["text"] == ex.answers[0]
-                assert len(set(ex.candidates)) == len(ex.candidates) and "@highlight" not in ex.prompt
+        else:  # record: one example per query, candidates and gold as the paper's code has them
+            rows = hf_rows("record", raw)
+            assert [(ex.idx, ex.candidates, ex.gold) for ex in examples] == \
+                [(row["idx"], row["choices"], row["answer_idx"]) for row in rows]
+            assert all("@highlight" not in ex.prompt for ex in examples)
         for ex in examples[:4]:
             assert ex.prompt.endswith("Answer: ") or task == "copa"
             for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 256), ex.candidates):
                 assert len(ids) <= 256 and answer_part(real_tok, ids, labels) == answer
-    if split == "val":  # "Morgan" is gold too, so it is dropped from the candidates
+    if split == "val":  # "Morgan" and "Tracy Morgan" are both gold: "Morgan" sorts first and stays a candidate
         tracy = superglue.load_task("record", REAL_SUPERGLUE, "val")[0]
-        assert tracy.answers == ["Tracy Morgan", "Morgan"] and "Morgan" not in tracy.candidates
+        assert tracy.answers == ["Morgan", "Tracy Morgan"] and tracy.candidates[tracy.gold] == "Morgan"
+        assert "Tracy Morgan" not in tracy.candidates
 
 
 def test_real_files_are_encoded_as_the_official_code_does(real_tok):
