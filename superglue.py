@@ -182,10 +182,10 @@ def f1_for_class(golds: list, preds: list, cls) -> float:
     return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
 
 
-def macro_f1(golds: list, preds: list) -> float:
-    """Mean per-class F1 over the classes seen in golds or preds (as sklearn's average='macro')."""
-    classes = sorted(set(golds) | set(preds))
-    return sum(f1_for_class(golds, preds, c) for c in classes) / len(classes)
+def macro_f1(golds: list, preds: list, n_classes: int) -> float:
+    """Mean F1 over classes 0..n_classes-1, an absent class counting 0, as jiant's CB metric (sklearn's
+    average='macro' would average only the classes that occur)."""
+    return sum(f1_for_class(golds, preds, c) for c in range(n_classes)) / n_classes
 
 
 def group_exact_match(groups: list, golds: list, preds: list) -> float:
@@ -215,7 +215,7 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def compute_metrics(task: str, examples: list[Example], predictions: list[int]) -> dict[str, float]:
-    """accuracy for every task; CB adds macro-F1 ('f1'); MultiRC adds F1 over all answers ('f1a') and exact
+    """accuracy for every task; CB adds macro-F1 over its 3 classes ('f1'); MultiRC adds F1 over all answers ('f1a') and exact
     match per question ('em'); ReCoRD adds token F1 ('f1') and exact match ('em'), each the max over golds."""
     task = "synthetic" if str(task).lower() == "synthetic" else check_task(task)
     if len(examples) != len(predictions) or not examples:
@@ -225,7 +225,7 @@ def compute_metrics(task: str, examples: list[Example], predictions: list[int]) 
     golds = [ex.gold for ex in examples]
     metrics = {"accuracy": accuracy(golds, predictions)}
     if task == "cb":
-        metrics["f1"] = macro_f1(golds, predictions)
+        metrics["f1"] = macro_f1(golds, predictions, n_classes=3)
     elif task == "multirc":
         metrics["f1a"] = f1_for_class(golds, predictions, 1)
         metrics["em"] = group_exact_match([ex.group for ex in examples], golds, predictions)

@@ -231,6 +231,14 @@ def test_accuracy_and_cb_macro_f1():
     assert metrics == pytest.approx({"accuracy": 4 / 6, "f1": (1 / 2 + 2 / 3 + 4 / 5) / 3})
 
 
+def test_cb_macro_f1_averages_all_three_classes():
+    """jiant's CommitmentBankEvaluationScheme: the mean of the F1 of classes 0, 1 and 2, an absent class counting 0
+    (not the mean over the classes present, as scikit-learn's average='macro'), e.g. in a small --eval-samples."""
+    golds, preds = [0, 0, 1, 1], [0, 1, 1, 1]  # no 'neutral' (2) in either
+    metrics = superglue.compute_metrics("cb", [make("cb", g, ["Yes", "No", "Maybe"]) for g in golds], preds)
+    assert metrics["f1"] == pytest.approx((2 / 3 + 4 / 5 + 0) / 3)  # class 0: 2TP/(2TP+FP+FN) = 2/3, class 1: 4/5
+
+
 def test_multirc_f1a_and_exact_match():
     golds, groups = [1, 0, 1, 0, 1], ["q1", "q1", "q1", "q2", "q2"]
     preds = [1, 0, 1, 1, 1]  # q1 all right, q2 one wrong; TP=3, FP=1, FN=0
