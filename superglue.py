@@ -215,8 +215,9 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def compute_metrics(task: str, examples: list[Example], predictions: list[int]) -> dict[str, float]:
-    """accuracy for every task; CB adds macro-F1 over its 3 classes ('f1'); MultiRC adds F1 over all answers ('f1a') and exact
-    match per question ('em'); ReCoRD adds token F1 ('f1') and exact match ('em'), each the max over golds."""
+    """accuracy for every task; CB adds macro-F1 over its 3 classes ('f1'); MultiRC adds F1 over all answers
+    ('f1a') and exact match per question ('em'); ReCoRD adds token F1 ('f1') and exact match ('em'), each the max
+    over golds."""
     task = "synthetic" if str(task).lower() == "synthetic" else check_task(task)
     if len(examples) != len(predictions) or not examples:
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
