@@ -6,6 +6,7 @@ templates from OpenLMLab/LOMO src/mydatasets.py). Training teaches prompt + gold
 the candidate whose tokens and the EOS after them have the highest summed log-likelihood given the prompt.
 """
 import collections
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,6 +41,43 @@ class Example:
     @property
     def prompt(self) -> str:
         return self.before + self.passage + self.after
+
+
+# ------------------------------------------------------------------------------------------- reading files
+
+def read_jsonl(path: str):
+    """(line number, record) for every non-blank line of a JSON-lines file (a UTF-8 byte-order mark is allowed).
+    Invalid UTF-8 or JSON is a ValueError that names the file and line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+
+
+def text_field(record: dict, key: str, where: str) -> str:
+    """record[key], which must be a string that encodes as UTF-8 (no lone surrogate such as an unpaired
+    \\ud83d escape); ValueError naming the place and the field otherwise."""
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"{where}: missing field {key!r}")
+    text = record[key]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {key!r} is {json.dumps(text)}; it must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: field {key!r} holds a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start + 1} (half of a \\uXXXX pair); fix that escape") from None
+    return text
 
 
 # ------------------------------------------------------------------------------------------ synthetic task

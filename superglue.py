@@ -7,7 +7,7 @@ import re
 import string
 import tempfile
 
-from data import YES_NO, Example
+from data import YES_NO, Example, read_jsonl, text_field as _text
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 TASK_DIRS = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD",
@@ -46,14 +46,14 @@ def _gold(record, mapping, where, labelled):
 
 
 def _parse_boolq(r, where, labelled):
-    yield Example("boolq", _get(r, "idx", where), "", _get(r, "passage", where),
-                  f" {_get(r, 'question', where)}\nAnswer: ", YES_NO, _gold(r, BOOL_LABELS, where, labelled))
+    yield Example("boolq", _get(r, "idx", where), "", _text(r, "passage", where),
+                  f" {_text(r, 'question', where)}\nAnswer: ", YES_NO, _gold(r, BOOL_LABELS, where, labelled))
 
 
 def _parse_cb(r, where, labelled):
     labels = {"entailment": 0, "contradiction": 1, "neutral": 2}
-    after = f" Can we infer that \"{_get(r, 'hypothesis', where)}\"? Yes, No, or Maybe?\nAnswer: "
-    yield Example("cb", _get(r, "idx", where), "Suppose ", _get(r, "premise", where), after,
+    after = f" Can we infer that \"{_text(r, 'hypothesis', where)}\"? Yes, No, or Maybe?\nAnswer: "
+    yield Example("cb", _get(r, "idx", where), "Suppose ", _text(r, "premise", where), after,
                   ["Yes", "No", "Maybe"], _gold(r, labels, where, labelled))
 
 
@@ -62,20 +62,20 @@ def _parse_copa(r, where, labelled):
     question = _get(r, "question", where)
     if question not in connective:
         raise ValueError(f"{where}: field 'question' is {question!r}; expected 'cause' or 'effect'")
-    yield Example("copa", _get(r, "idx", where), "", _get(r, "premise", where), connective[question],
-                  [_get(r, "choice1", where), _get(r, "choice2", where)], _gold(r, {0: 0, 1: 1}, where, labelled))
+    yield Example("copa", _get(r, "idx", where), "", _text(r, "premise", where), connective[question],
+                  [_text(r, "choice1", where), _text(r, "choice2", where)], _gold(r, {0: 0, 1: 1}, where, labelled))
 
 
 def _parse_multirc(r, where, labelled):
     """One yes/no example per answer of every question (the passage nests questions, which nest answers)."""
     p_idx, passage = _get(r, "idx", where), _get(r, "passage", where)
-    paragraph = _get(passage, "text", f"{where}, passage")
+    paragraph = _text(passage, "text", f"{where}, passage")
     for qi, q in enumerate(_get(passage, "questions", f"{where}, passage")):
         q_where = f"{where}, passage.questions[{qi}]"
-        q_idx, question = _get(q, "idx", q_where), _get(q, "question", q_where)
+        q_idx, question = _get(q, "idx", q_where), _text(q, "question", q_where)
         for ai, a in enumerate(_get(q, "answers", q_where)):
             a_where = f"{q_where}.answers[{ai}]"
-            after = (f"\nQuestion: {question}\nI found this answer \"{_get(a, 'text', a_where)}\". "
+            after = (f"\nQuestion: {question}\nI found this answer \"{_text(a, 'text', a_where)}\". "
                      "Is that correct? Yes or No?\nAnswer: ")
             idx = {"paragraph": p_idx, "question": q_idx, "answer": _get(a, "idx", a_where)}
             yield Example("multirc", idx, "", paragraph, after, YES_NO,
@@ -89,7 +89,7 @@ def _parse_record(r, where, labelled):
     in OpenLMLab/LOMO src/mydatasets.py): of "Morgan" and "Tracy Morgan", both right, "Morgan" is the gold and
     "Tracy Morgan" no candidate. `answers` keeps every gold for the metric. The order decides ties."""
     passage = _get(r, "passage", where)
-    text = _get(passage, "text", f"{where}, passage")
+    text = _text(passage, "text", f"{where}, passage")
 
     def entity(e, w):
         start, end = _get(e, "start", w), _get(e, "end", w)
@@ -102,13 +102,13 @@ def _parse_record(r, where, labelled):
     shown = text.replace("@highlight\n", "- ")
     for qi, q in enumerate(_get(r, "qas", where)):
         q_where = f"{where}, qas[{qi}]"
-        q_idx, query = _get(q, "idx", q_where), _get(q, "query", q_where)
+        q_idx, query = _get(q, "idx", q_where), _text(q, "query", q_where)
         answers = []
         if labelled:
             gold = _get(q, "answers", q_where)
             if not gold:
                 raise ValueError(f"{q_where}: field 'answers' is empty")
-            answers = sorted({_get(a, "text", f"{q_where}.answers[{i}]") for i, a in enumerate(gold)})
+            answers = sorted({_text(a, "text", f"{q_where}.answers[{i}]") for i, a in enumerate(gold)})
         candidates = [e for e in entities if e not in answers[1:]]
         if answers and answers[0] not in candidates:  # no entity spells the gold so (the paper's code would fail)
             candidates = sorted(candidates + answers[:1])
@@ -120,22 +120,22 @@ def _parse_record(r, where, labelled):
 
 
 def _parse_rte(r, where, labelled):
-    after = f"\nDoes this mean that \"{_get(r, 'hypothesis', where)}\" is true? Yes or No?\nAnswer: "
-    yield Example("rte", _get(r, "idx", where), "", _get(r, "premise", where), after, ["Yes", "No"],
+    after = f"\nDoes this mean that \"{_text(r, 'hypothesis', where)}\" is true? Yes or No?\nAnswer: "
+    yield Example("rte", _get(r, "idx", where), "", _text(r, "premise", where), after, ["Yes", "No"],
                   _gold(r, {"entailment": 0, "not_entailment": 1}, where, labelled))
 
 
 def _parse_wic(r, where, labelled):  # no passage: nothing in a WiC prompt may be cut
-    before = (f"Does the word \"{_get(r, 'word', where)}\" have the same meaning in these two sentences? Yes, No?\n"
-              f"{_get(r, 'sentence1', where)}\n{_get(r, 'sentence2', where)}\nAnswer: ")
+    before = (f"Does the word \"{_text(r, 'word', where)}\" have the same meaning in these two sentences? Yes, No?\n"
+              f"{_text(r, 'sentence1', where)}\n{_text(r, 'sentence2', where)}\nAnswer: ")
     yield Example("wic", _get(r, "idx", where), before, "", "", YES_NO, _gold(r, BOOL_LABELS, where, labelled))
 
 
 def _parse_wsc(r, where, labelled):  # the paper's code misspells "pronoun" as "pronuon"; we do not
     target = _get(r, "target", where)
-    after = (f"\nIn the previous sentence, does the pronoun \"{_get(target, 'span2_text', where + ', target')}\" "
-             f"refer to \"{_get(target, 'span1_text', where + ', target')}\"? Yes or No?\nAnswer: ")
-    yield Example("wsc", _get(r, "idx", where), "", _get(r, "text", where), after, YES_NO,
+    after = (f"\nIn the previous sentence, does the pronoun \"{_text(target, 'span2_text', where + ', target')}\" "
+             f"refer to \"{_text(target, 'span1_text', where + ', target')}\"? Yes or No?\nAnswer: ")
+    yield Example("wsc", _get(r, "idx", where), "", _text(r, "text", where), after, YES_NO,
                   _gold(r, BOOL_LABELS, where, labelled))
 
 
@@ -153,17 +153,15 @@ def load_task(task: str, data_dir: str, split: str) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SuperGLUE file not found: {path} (expected the official layout "
                                 f"<data_dir>/{TASK_DIRS[task]}/{{train,val,test}}.jsonl)")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-            examples.extend(PARSERS[task](record, where, labelled=split != "test"))
+    examples, first_line = [], {}
+    for line_no, record in read_jsonl(path):
+        for ex in PARSERS[task](record, f"{path}, line {line_no}", labelled=split != "test"):
+            key = json.dumps(ex.idx["query"] if task == "record" else ex.idx)  # ReCoRD is graded by query idx
+            if key in first_line:
+                raise ValueError(f"{path}, line {line_no}: duplicate idx {ex.idx} (first on line {first_line[key]});"
+                                 " every example of a split needs its own idx")
+            first_line[key] = line_no
+            examples.append(ex)
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples

@@ -198,6 +198,46 @@ def test_bad_input_errors(sg_dir, tmp_path):
         load_lines("record", [json.dumps(record)])()
 
 
+
+def test_bad_data_is_named_by_file_and_line(tmp_path):
+    """Invalid UTF-8, null or non-string text, a duplicate idx, a lone surrogate: one clear line naming the file,
+    the line and the field, before any tokenizer sees the text."""
+    def load(task, lines):
+        path = tmp_path / superglue.TASK_DIRS[task] / "train.jsonl"
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+        return superglue.load_task(task, str(tmp_path), "train")
+
+    good = FIXTURES["boolq"][0][0]
+    where = re.escape(os.path.join(str(tmp_path), "BoolQ", "train.jsonl")) + ", line 2: "
+    with pytest.raises(ValueError, match=where + r"not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        load("boolq", [json.dumps(good), b'{"question": "caf\xe9", "passage": "p", "idx": 1, "label": true}'])
+    with pytest.raises(ValueError, match=where + "field 'question' is null; it must be text"):
+        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1, question=None))])
+    with pytest.raises(ValueError, match=where + "field 'passage' is 3; it must be text"):
+        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1, passage=3))])
+    with pytest.raises(ValueError, match=where + r"duplicate idx 0 \(first on line 1\)"):
+        load("boolq", [json.dumps(good), json.dumps(good)])
+    with pytest.raises(ValueError, match=where + r"field 'question' holds a lone surrogate '\\ud83d' at character 4"):
+        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1)).replace('"is the', '"is \\ud83d the')])
+    record = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
+    record["passage"]["questions"][1]["answers"][0]["text"] = 7
+    with pytest.raises(ValueError, match=r"line 1, passage.questions\[1\].answers\[0\]: field 'text' is 7"):
+        load("multirc", [json.dumps(record)])
+    second = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
+    second["passage"]["questions"] = second["passage"]["questions"][:1]  # the same paragraph, question, answer ids
+    with pytest.raises(ValueError, match=r"line 2: duplicate idx \{'paragraph': 0, 'question': 0, 'answer': 0\}"):
+        load("multirc", [json.dumps(FIXTURES["multirc"][0][0]), json.dumps(second)])
+    record = json.loads(json.dumps(FIXTURES["record"][0][0]))
+    record["qas"][1]["idx"] = 0
+    with pytest.raises(ValueError, match=r"line 1: duplicate idx \{'passage': 0, 'query': 0\}"):
+        load("record", [json.dumps(record)])
+    record["qas"][1].update(idx=1, query=None)
+    with pytest.raises(ValueError, match=r"line 1, qas\[1\]: field 'query' is null"):
+        load("record", [json.dumps(record)])
+    assert [ex.idx for ex in load("boolq", [b"\xef\xbb\xbf" + json.dumps(good).encode()])] == [0]  # a BOM is fine
+
+
 # ------------------------------------------------------------------------------------------------ encoding
 
 def test_encode_masks_everything_but_answer_and_eos(sg_dir, tok):
