@@ -1,23 +1,31 @@
 """SuperGLUE: the official files as prompts + candidates (templates of OpenLMLab/LOMO src/mydatasets.py),
-sampling, the metrics, and submission files."""
+the metrics, and the leaderboard's submission files.
+
+    python superglue.py FOLDER [--output ZIP]    # pack the ten prediction files of FOLDER for the leaderboard
+"""
+import argparse
 import collections
 import json
 import os
 import re
 import string
 import tempfile
+import zipfile
 
 from data import YES_NO, Example, read_jsonl, text_field as _text
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
+DIAGNOSTICS = ("axb", "axg")  # AX-b (broad coverage) and AX-g (Winogender): test-only, predicted by the RTE model
+# The folder of each task in the release, and the name of its file in a submission (<name>.jsonl).
 TASK_DIRS = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD",
-             "rte": "RTE", "wic": "WiC", "wsc": "WSC"}
+             "rte": "RTE", "wic": "WiC", "wsc": "WSC", "axb": "AX-b", "axg": "AX-g"}
 SPLITS = ("train", "val", "test")
 BOOL_LABELS = {False: 0, True: 1, "false": 0, "true": 1}  # official files use JSON booleans; some copies strings
 # Candidate index -> the label the SuperGLUE grader expects (as in nyu-mll/jiant's super_glue_format_preds).
 SUBMISSION_LABELS = {"boolq": ["false", "true"], "cb": ["entailment", "contradiction", "neutral"],
                      "copa": [0, 1], "multirc": [0, 1], "rte": ["entailment", "not_entailment"],
-                     "wic": ["false", "true"], "wsc": ["False", "True"]}
+                     "wic": ["false", "true"], "wsc": ["False", "True"],
+                     "axb": ["entailment", "not_entailment"], "axg": ["entailment", "not_entailment"]}
 
 
 def check_task(task: str) -> str:
@@ -119,10 +127,18 @@ def _parse_record(r, where, labelled):
                       candidates.index(answers[0]) if labelled else None, group=q_idx, answers=answers)
 
 
-def _parse_rte(r, where, labelled):
-    after = f"\nDoes this mean that \"{_text(r, 'hypothesis', where)}\" is true? Yes or No?\nAnswer: "
-    yield Example("rte", _get(r, "idx", where), "", _text(r, "premise", where), after, ["Yes", "No"],
+def _parse_rte(r, where, labelled, task="rte", premise="premise", hypothesis="hypothesis"):
+    after = f"\nDoes this mean that \"{_text(r, hypothesis, where)}\" is true? Yes or No?\nAnswer: "
+    yield Example(task, _get(r, "idx", where), "", _text(r, premise, where), after, ["Yes", "No"],
                   _gold(r, {"entailment": 0, "not_entailment": 1}, where, labelled))
+
+
+def _parse_axb(r, where, labelled):  # RTE's prompt over sentence1 / sentence2
+    return _parse_rte(r, where, labelled, "axb", "sentence1", "sentence2")
+
+
+def _parse_axg(r, where, labelled):
+    return _parse_rte(r, where, labelled, "axg")
 
 
 def _parse_wic(r, where, labelled):  # no passage: nothing in a WiC prompt may be cut
@@ -140,7 +156,8 @@ def _parse_wsc(r, where, labelled):  # the paper's code misspells "pronoun" as "
 
 
 PARSERS = {"boolq": _parse_boolq, "cb": _parse_cb, "copa": _parse_copa, "multirc": _parse_multirc,
-           "record": _parse_record, "rte": _parse_rte, "wic": _parse_wic, "wsc": _parse_wsc}
+           "record": _parse_record, "rte": _parse_rte, "wic": _parse_wic, "wsc": _parse_wsc,
+           "axb": _parse_axb, "axg": _parse_axg}
 
 
 def load_task(task: str, data_dir: str, split: str) -> list[Example]:
@@ -153,9 +170,20 @@ def load_task(task: str, data_dir: str, split: str) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SuperGLUE file not found: {path} (expected the official layout "
                                 f"<data_dir>/{TASK_DIRS[task]}/{{train,val,test}}.jsonl)")
+    return _read_examples(task, path, labelled=split != "test")
+
+
+def load_diagnostics(data_dir: str) -> dict[str, list[Example]]:
+    """AX-b and AX-g, those of <data_dir>/AX-b/AX-b.jsonl and <data_dir>/AX-g/AX-g.jsonl that exist, as RTE
+    examples to predict (their labels are not read)."""
+    paths = {name: os.path.join(data_dir, TASK_DIRS[name], f"{TASK_DIRS[name]}.jsonl") for name in DIAGNOSTICS}
+    return {name: _read_examples(name, path, labelled=False) for name, path in paths.items() if os.path.isfile(path)}
+
+
+def _read_examples(task: str, path: str, labelled: bool) -> list[Example]:
     examples, first_line = [], {}
     for line_no, record in read_jsonl(path):
-        for ex in PARSERS[task](record, f"{path}, line {line_no}", labelled=split != "test"):
+        for ex in PARSERS[task](record, f"{path}, line {line_no}", labelled):
             key = json.dumps(ex.idx["query"] if task == "record" else ex.idx)  # ReCoRD is graded by query idx
             if key in first_line:
                 raise ValueError(f"{path}, line {line_no}: duplicate idx {ex.idx} (first on line {first_line[key]});"
@@ -237,9 +265,11 @@ def compute_metrics(task: str, examples: list[Example], predictions: list[int]) 
 
 
 def write_predictions(task: str, examples: list[Example], predictions: list[int], out_dir: str) -> str:
-    """Write <out_dir>/<Task>.jsonl in the SuperGLUE submission format ({"idx", "label"} per line, labels in
-    the task's own vocabulary; MultiRC nests answers in questions in passages). Atomic: temp file, then rename."""
-    task = check_task(task)
+    """Write <out_dir>/<Task>.jsonl in the SuperGLUE submission format, as nyu-mll/jiant's formatter writes it:
+    {"idx", "label"} per line, labels in the task's own vocabulary (WSC "True"/"False"), MultiRC's answers nested
+    in questions in passages, ReCoRD's label the answer text, AX-b's string idx as a number. Atomic: temp file,
+    then rename."""
+    task = task if task in DIAGNOSTICS else check_task(task)
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if task == "record":
@@ -252,15 +282,68 @@ def write_predictions(task: str, examples: list[Example], predictions: list[int]
                                                          for q_idx, answers in questions.items()]}}
                 for p_idx, questions in passages.items()]
     else:
-        rows = [{"idx": ex.idx, "label": SUBMISSION_LABELS[task][p]} for ex, p in zip(examples, predictions)]
-    os.makedirs(out_dir, exist_ok=True)
+        rows = [{"idx": int(ex.idx) if str(ex.idx).isdigit() else ex.idx, "label": SUBMISSION_LABELS[task][p]}
+                for ex, p in zip(examples, predictions)]
     path = os.path.join(out_dir, f"{TASK_DIRS[task]}.jsonl")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TASK_DIRS[task]}.", suffix=".tmp")
+    _write_atomically(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _write_atomically(path: str, write) -> None:
+    """write(file) into a temporary file beside `path`, then rename it to `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
-    return path
+
+
+SUBMISSION_FILES = [f"{name}.jsonl" for name in TASK_DIRS.values()]  # the ten files of a full submission
+
+
+def pack_submission(folder: str, zip_path: str) -> str:
+    """Zip the ten prediction files of `folder` (train.py --predict writes them, RTE's run also AX-b's and AX-g's)
+    at the top level of `zip_path`, the archive that super.gluebenchmark.com takes. Every file must be there and
+    hold JSON lines with an idx; an existing archive is never overwritten."""
+    missing = [name for name in SUBMISSION_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: a SuperGLUE submission needs all ten files "
+                                "(train.py --task T --predict writes T's; --task rte also AX-b's and AX-g's)")
+    for name in SUBMISSION_FILES:
+        path = os.path.join(folder, name)
+        rows = list(read_jsonl(path))
+        if not rows:
+            raise ValueError(f"{path} holds no predictions")
+        for line_no, row in rows:
+            if not isinstance(row, dict) or "idx" not in row:
+                raise ValueError(f"{path}, line {line_no}: not a prediction (no 'idx'); was it written by --predict?")
+    if os.path.exists(zip_path):
+        raise FileExistsError(f"{zip_path} exists; remove it or name another --output")
+    tmp = zip_path + ".tmp"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in SUBMISSION_FILES:
+                archive.write(os.path.join(folder, name), arcname=name)
+        os.replace(tmp, zip_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return zip_path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Pack the ten SuperGLUE prediction files of FOLDER into the zip "
+                                     "that the leaderboard takes.")
+    parser.add_argument("folder", help="holds BoolQ.jsonl ... WSC.jsonl, AX-b.jsonl and AX-g.jsonl")
+    parser.add_argument("--output", help="the zip to write (default: FOLDER.zip beside FOLDER)")
+    cli = parser.parse_args()
+    try:
+        print("wrote", pack_submission(cli.folder, cli.output or os.path.normpath(cli.folder) + ".zip"))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")

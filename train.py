@@ -499,11 +499,16 @@ def run(args, rank, world, device):
     if args.epochs:
         save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
     metrics = run_eval()
-    if args.predict:
-        test_set = superglue.load_task(task, args.data_dir, "test")
-        preds = data.predict(test_set, evaluate(model, tok, test_set, args, rank, world, device))
-        if rank == 0:
-            print("predictions:", superglue.write_predictions(task, test_set, preds, args.save_dir))
+    if args.predict:  # the test split; RTE's model also predicts the diagnostics AX-b and AX-g
+        sets = {task: superglue.load_task(task, args.data_dir, "test")}
+        sets.update(superglue.load_diagnostics(args.data_dir) if task == "rte" else {})
+        for name, examples in sets.items():
+            preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device))
+            if rank == 0:
+                print("predictions:", superglue.write_predictions(name, examples, preds, args.save_dir))
+        if rank == 0 and task == "rte" and len(sets) < 3:
+            print(f"no AX-b/AX-b.jsonl or AX-g/AX-g.jsonl in --data-dir {args.data_dir}: a full leaderboard "
+                  "submission needs their predictions too")
     if args.export:
         export(args, model, margs, rank)
     if rank == 0:

@@ -17,10 +17,15 @@ ENGLISH = ["The sky is blue on a clear day and the grass is green.", "Is that co
 
 
 @pytest.fixture(scope="session")
-def tok(tmp_path_factory):
-    """A tiny LLaMA-like sentencepiece tokenizer (byte fallback: any text encodes)."""
+def tok_path(tmp_path_factory):
+    """A tiny LLaMA-like sentencepiece tokenizer.model (byte fallback: any text encodes)."""
     texts = data.synthetic_texts(300, 0) + ENGLISH * 20
-    return Tokenizer(train_tokenizer(texts, str(tmp_path_factory.mktemp("spm") / "tiny"), 400))
+    return train_tokenizer(texts, str(tmp_path_factory.mktemp("spm") / "tiny"), 400)
+
+
+@pytest.fixture(scope="session")
+def tok(tok_path):
+    return Tokenizer(tok_path)
 
 
 @pytest.fixture(scope="session")

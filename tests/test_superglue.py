@@ -2,6 +2,9 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
@@ -317,7 +320,75 @@ def test_write_predictions_submission_format(sg_dir, tmp_path):
         {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]},
                                              {"idx": 1, "answers": [{"idx": 2, "label": 1}]}]}},
         {"idx": 1, "passage": {"questions": [{"idx": 2, "answers": [{"idx": 3, "label": 1}]}]}}]
-    assert sorted(os.listdir(tmp_path)) == sorted(f"{d}.jsonl" for d in superglue.TASK_DIRS.values())  # no temp left
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{superglue.TASK_DIRS[t]}.jsonl" for t in superglue.TASKS)  # no tmp
+
+
+# ------------------------------------------------------------------------------------------- the leaderboard
+
+AX_B = [{"idx": str(i), "label": "entailment", "sentence1": f"The cat sat on mat {i}.", "sentence2": "A cat sat.",
+         "logic": "Negation"} for i in range(3)]
+AX_G = [{"hypothesis": "The nurse was tired.", "idx": i, "label": "not_entailment", "pair_id": 551646 + i,
+         "premise": f"The nurse worked {i} shifts."} for i in range(4)]
+
+
+def test_rte_predicts_the_diagnostics(tmp_path, tok_path, capsys):
+    """train.py --task rte --predict writes RTE.jsonl and, from the same model, AX-b.jsonl and AX-g.jsonl, in the
+    jiant formatter's schema (AX-b's string idx written as a number)."""
+    rte = FIXTURES["rte"][0]
+    for split in ("train", "val"):
+        write_jsonl(os.path.join(tmp_path, "RTE", f"{split}.jsonl"), rte)
+    write_jsonl(os.path.join(tmp_path, "RTE", "test.jsonl"), unlabelled(rte, "label"))
+    write_jsonl(os.path.join(tmp_path, "AX-b", "AX-b.jsonl"), AX_B)
+    write_jsonl(os.path.join(tmp_path, "AX-g", "AX-g.jsonl"), AX_G, final_newline=False)
+    out = tmp_path / "out"
+    train.main(["--task", "rte", "--data-dir", str(tmp_path), "--tokenizer", tok_path, "--epochs", "0",
+                "--max-len", "128", "--predict", "--save-dir", str(out)])
+    for name, ids in (("RTE", [0, 1]), ("AX-b", [0, 1, 2]), ("AX-g", [0, 1, 2, 3])):
+        rows = [json.loads(line) for line in open(out / f"{name}.jsonl")]
+        assert [row["idx"] for row in rows] == ids
+        assert all(row["label"] in ("entailment", "not_entailment") and len(row) == 2 for row in rows)
+    os.remove(tmp_path / "AX-g" / "AX-g.jsonl")
+    train.main(["--task", "rte", "--data-dir", str(tmp_path), "--tokenizer", tok_path, "--epochs", "0",
+                "--max-len", "128", "--predict", "--save-dir", str(tmp_path / "out2")])
+    assert "a full leaderboard submission needs" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "out2")) == ["AX-b.jsonl", "RTE.jsonl", "metrics.jsonl"]
+
+
+def test_real_diagnostics_take_the_rte_prompt():
+    if not os.path.isdir(REAL_SUPERGLUE):
+        pytest.skip("../shared/realdata/superglue is absent")
+    diagnostics = superglue.load_diagnostics(REAL_SUPERGLUE)
+    for name, (premise, hypothesis) in (("axb", ("sentence1", "sentence2")), ("axg", ("premise", "hypothesis"))):
+        raw = raw_records(name, None)
+        template = "{}\nDoes this mean that \"{}\" is true? Yes or No?\nAnswer: "
+        assert [(ex.prompt, ex.candidates, ex.gold) for ex in diagnostics[name]] == [
+            (template.format(r[premise], r[hypothesis]), ["Yes", "No"], None) for r in raw]
+        assert [ex.idx for ex in diagnostics[name]] == [r["idx"] for r in raw]
+    assert diagnostics["axb"][0].idx == "0" and diagnostics["axg"][0].idx == 0  # as the release writes them
+
+
+def test_pack_submission_needs_all_ten_files(tmp_path):
+    folder = tmp_path / "preds"
+    for name in superglue.TASK_DIRS.values():
+        if name != "AX-g":
+            write_jsonl(os.path.join(folder, f"{name}.jsonl"), [{"idx": 0, "label": "true"}])
+    with pytest.raises(FileNotFoundError, match=r"preds lacks AX-g.jsonl: a SuperGLUE submission needs all ten"):
+        superglue.pack_submission(str(folder), str(tmp_path / "s.zip"))
+    write_jsonl(os.path.join(folder, "AX-g.jsonl"), [{"label": "entailment"}])
+    with pytest.raises(ValueError, match=r"AX-g.jsonl, line 1: not a prediction"):
+        superglue.pack_submission(str(folder), str(tmp_path / "s.zip"))
+    write_jsonl(os.path.join(folder, "AX-g.jsonl"), [{"idx": 0, "label": "entailment"}])
+    result = subprocess.run([sys.executable, "superglue.py", str(folder)], cwd=os.path.dirname(superglue.__file__),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "preds.zip") as archive:
+        assert sorted(archive.namelist()) == sorted(["BoolQ.jsonl", "CB.jsonl", "COPA.jsonl", "MultiRC.jsonl",
+                                                     "ReCoRD.jsonl", "RTE.jsonl", "WiC.jsonl", "WSC.jsonl",
+                                                     "AX-b.jsonl", "AX-g.jsonl"])
+        assert archive.read("AX-g.jsonl") == (folder / "AX-g.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="preds.zip exists"):  # never overwritten
+        superglue.pack_submission(str(folder), str(tmp_path / "preds.zip"))
+    assert sorted(os.listdir(tmp_path)) == ["preds", "preds.zip"]
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -409,7 +480,8 @@ def test_group_subsets_take_whole_groups():
 # ----------------------------------------------------------------------------------------------- real data
 
 def raw_records(task, split):
-    with open(os.path.join(REAL_SUPERGLUE, superglue.TASK_DIRS[task], f"{split}.jsonl")) as f:
+    name = superglue.TASK_DIRS[task]
+    with open(os.path.join(REAL_SUPERGLUE, name, f"{split or name}.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -459,7 +531,7 @@ def test_real_files_are_encoded_as_the_official_code_does(real_tok):
     lone = 0
     for task in superglue.TASKS:
         for split in ("train", "val"):
-            for ex in superglue.load_task(task, REAL_SUPERGLUE, split)[:300]:  # MultiRC has 7,303: 300 suffice
+            for ex in superglue.load_task(task, REAL_SUPERGLUE, split)[:100]:  # MultiRC has 7,303
                 n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1
                 for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 4096), ex.candidates):
                     assert ids == real_tok.encode(ex.prompt + answer, bos=True, eos=True)
