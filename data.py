@@ -7,6 +7,8 @@ the candidate whose tokens and the EOS after them have the highest summed log-li
 """
 import collections
 import json
+import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -65,19 +67,68 @@ def read_jsonl(path: str):
 
 
 def text_field(record: dict, key: str, where: str) -> str:
-    """record[key], which must be a string that encodes as UTF-8 (no lone surrogate such as an unpaired
-    \\ud83d escape); ValueError naming the place and the field otherwise."""
+    """record[key], which must be text; ValueError naming the place and the field otherwise."""
     if not isinstance(record, dict) or key not in record:
         raise ValueError(f"{where}: missing field {key!r}")
-    text = record[key]
+    return check_text(record[key], f"field {key!r}", where)
+
+
+def check_text(text, what: str, where: str) -> str:
+    """`text` if it is a string that encodes as UTF-8, i.e. holds no lone surrogate (an unpaired \\ud83d escape)."""
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {key!r} is {json.dumps(text)}; it must be text")
+        raise ValueError(f"{where}: {what} is {json.dumps(text)}; it must be text")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: field {key!r} holds a lone surrogate {text[e.start]!r} at character "
-                         f"{e.start + 1} (half of a \\uXXXX pair); fix that escape") from None
+        raise ValueError(f"{where}: {what} holds a lone surrogate {text[e.start]!r} at character {e.start + 1} "
+                         "(half of a \\uXXXX pair); fix that escape") from None
     return text
+
+
+# -------------------------------------------------------------------------------------------- your own data
+
+def load_jsonl(path: str) -> list[Example]:
+    """Your own data (--task jsonl): one JSON object per line, either
+        {"prompt": "...", "completion": "..."}                       train on the completion
+        {"prompt": "...", "candidates": ["...", "..."], "label": i}  train on candidates[i]; scored by accuracy too
+    Other keys are ignored. Nothing is added between prompt and answer, and the prompt is never cut."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --task jsonl needs train.jsonl and val.jsonl in --data-dir")
+    examples = []
+    for line_no, row in read_jsonl(path):
+        where = f"{path}, line {line_no}"
+        if not isinstance(row, dict) or ("completion" in row) == ("candidates" in row):
+            raise ValueError(f"{where}: expected an object with \"prompt\" and either \"completion\", or "
+                             "\"candidates\" and \"label\"")
+        prompt = text_field(row, "prompt", where)
+        if "completion" in row:
+            candidates, gold = [text_field(row, "completion", where)], 0
+        else:
+            candidates, gold = row["candidates"], row.get("label")
+            if not isinstance(candidates, list) or len(candidates) < 2:
+                raise ValueError(f"{where}: field 'candidates' must be a list of at least 2 texts")
+            candidates = [check_text(c, f"candidates[{i}]", where) for i, c in enumerate(candidates)]
+            if type(gold) is not int or not 0 <= gold < len(candidates):
+                raise ValueError(f"{where}: field 'label' is {json.dumps(gold)}; it must be the index of the right "
+                                 f"candidate, 0 to {len(candidates) - 1}")
+        examples.append(Example("jsonl", where, prompt, "", "", candidates, gold))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def answer_metrics(tok: Tokenizer, examples: list[Example], scores: list[list[float]],
+                   max_len: int) -> dict[str, float]:
+    """Mean negative log-likelihood per target token of the gold answers ('nll': the completion's tokens and the
+    EOS after it, the tokens trained on) and its exp ('perplexity'); plus 'accuracy' by candidate scoring over the
+    examples that have candidates to choose from."""
+    n_tokens = sum(sum(lab != IGNORE_INDEX for lab in encode_train(tok, ex, max_len)[1][1:]) for ex in examples)
+    nll = -sum(s[ex.gold] for ex, s in zip(examples, scores)) / n_tokens
+    metrics = {"nll": nll, "perplexity": math.exp(nll) if nll < 700 else math.inf}
+    choices = [(ex.gold, pred) for ex, pred in zip(examples, predict(examples, scores)) if len(ex.candidates) > 1]
+    if choices:
+        metrics["accuracy"] = sum(gold == pred for gold, pred in choices) / len(choices)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ synthetic task
@@ -126,8 +177,9 @@ def fit_prompt(tok: Tokenizer, ex: Example, max_len: int) -> str:
     if fits(ex.prompt):
         return ex.prompt
     if not fits(cut(0)):
-        raise ValueError(f"{ex.task} example {ex.idx}: even with the passage removed, the prompt and its longest "
-                         f"answer do not fit in max_len={max_len} tokens; raise max_len")
+        removed = "even with the passage removed, " if ex.passage else ""
+        raise ValueError(f"{ex.task} example {ex.idx}: {removed}the prompt and its longest answer do not fit in "
+                         f"max_len={max_len} tokens; raise max_len (--max-len)")
     # Binary search for the most passage characters that fit with the longest answer; `lo` always fits.
     longest = [max(ex.candidates, key=lambda c: len(tok.encode(c, bos=False, eos=False)))]
     lo, hi = 0, len(ex.passage)

@@ -39,27 +39,31 @@ OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
 # The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU.
 # --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
-DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, warmup_ratio=0.1,
-                              clip_grad_norm=1.0, max_len=1024),
-            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, warmup_ratio=0.1,
-                            clip_grad_norm=0.0, max_len=1024),  # the 65B budget of shared/design/sharded-step.md
-            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, warmup_ratio=0.0,
-                              clip_grad_norm=0.0, max_len=64)}
+# --task jsonl (your own data): the SuperGLUE settings, on every row of the files.
+DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000,
+                              warmup_ratio=0.1, clip_grad_norm=1.0, max_len=1024),
+            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, eval_samples=1000,
+                            warmup_ratio=0.1, clip_grad_norm=0.0, max_len=1024),  # shared/design/sharded-step.md
+            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, eval_samples=1000,
+                              warmup_ratio=0.0, clip_grad_norm=0.0, max_len=64)}
+DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset flags take the defaults of the official LOMO config for SuperGLUE "
-                                "tasks, and of the CPU demo for --task synthetic: " + json.dumps(DEFAULTS))
+                                "tasks and --task jsonl, and of the CPU demo for --task synthetic: "
+                                + json.dumps(DEFAULTS))
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
     p.add_argument("--task", default="synthetic",
-                   help=f"synthetic or a SuperGLUE task: {', '.join(superglue.TASKS)}")
-    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
-    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
-    p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
+                   help=f"synthetic, jsonl (your own data) or a SuperGLUE task: {', '.join(superglue.TASKS)}")
+    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ...; for jsonl the folder holding "
+                   "train.jsonl and val.jsonl (not needed for synthetic)")
+    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000; jsonl: all)")
+    p.add_argument("--eval-samples", type=int, help="validation examples sampled (paper: 1000; jsonl: all)")
     p.add_argument("--sampling", default="paper", choices=("paper", "groups"),
                    help="paper: the paper's subsets (random.sample with seed 0, whatever --seed); groups: whole "
                    "MultiRC questions, drawn with --seed")
@@ -85,14 +89,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"))
-    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format)")
+    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
+                   "--task rte adds the diagnostics AX-b and AX-g)")
     p.add_argument("--dry-run", action="store_true", help="print the memory and communication plan, then exit")
     p.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run")
     p.add_argument("--gpu-gib", type=float, default=24.0, help="GPU memory that --dry-run checks the plan against")
     p.add_argument("--sharding", default="own", choices=("own", "fsdp2"), help="own: shard.py; fsdp2: PyTorch's")
     p.add_argument("--shard-unit", default="block", choices=shard.SHARD_UNITS, help="what is gathered at once")
     args = p.parse_args(argv)
-    kind = "dry_run" if args.dry_run else "synthetic" if args.task == "synthetic" else "superglue"
+    kind = "dry_run" if args.dry_run else args.task if args.task in ("synthetic", "jsonl") else "superglue"
     for flag, value in DEFAULTS[kind].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -100,11 +105,15 @@ def parse_args(argv=None):
     args.model = args.model or ("tiny" if not args.ckpt else None)
     if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
-    if args.task != "synthetic" and args.task.lower() not in superglue.TASKS:
-        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(superglue.TASKS)}")
+    if args.task not in ("synthetic", "jsonl") and args.task.lower() not in superglue.TASKS:
+        p.error(f"--task {args.task!r} is unknown: choose synthetic, jsonl or one of {', '.join(superglue.TASKS)}")
     if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
-        p.error(f"--data-dir {args.data_dir!r} is not a folder: a SuperGLUE task needs the folder that holds "
-                f"{superglue.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+        needs = ("train.jsonl and val.jsonl (see the README for their format)" if args.task == "jsonl" else
+                 f"{superglue.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+        p.error(f"--data-dir {args.data_dir!r} is not a folder: --task {args.task} needs the folder that holds "
+                + needs)
+    if args.predict and args.task in ("synthetic", "jsonl"):
+        p.error(f"--predict writes SuperGLUE test predictions; --task {args.task} has no test split")
     for flag in ("batch_size", "train_samples", "eval_samples", "max_len", "world_size", "keep_last"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -401,7 +410,11 @@ def export(args, model, margs, rank):
 def load_examples(args, split, n):
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
-    examples = superglue.load_task(args.task, args.data_dir, split)
+    if args.task == "jsonl":
+        examples = data.load_jsonl(os.path.join(args.data_dir, f"{split}.jsonl"))
+        n = n or len(examples)
+    else:
+        examples = superglue.load_task(args.task, args.data_dir, split)
     if args.sampling == "paper":
         return data.paper_subset(examples, n)
     return data.group_subset(examples, n, args.seed)
@@ -452,6 +465,8 @@ def run(args, rank, world, device):
     train_set = load_examples(args, "train", args.train_samples) if args.epochs else []
     val_set = load_examples(args, "val", args.eval_samples)
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
+    for ex in val_set:  # an example too long for --max-len fails now, not after training
+        data.fit_prompt(tok, ex, args.max_len)
     model = build_model(args, margs, rank, world, device, dtype)
     opt = build_optimizer(args, model, world)
     steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
@@ -464,8 +479,11 @@ def run(args, rank, world, device):
     task = args.task.lower()
 
     def run_eval():
-        preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
-        metrics = superglue.compute_metrics(task, val_set, preds)
+        scores = evaluate(model, tok, val_set, args, rank, world, device)
+        if task == "jsonl":
+            metrics = data.answer_metrics(tok, val_set, scores, args.max_len)
+        else:
+            metrics = superglue.compute_metrics(task, val_set, data.predict(val_set, scores))
         if rank == 0:
             log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
         return metrics

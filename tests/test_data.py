@@ -1,13 +1,20 @@
 import collections
+import json
 import math
+import os
 import re
+import shutil
 
 import pytest
 import torch
 
 import data
+import model
 import superglue
+import train
 from conftest import answer_part
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "example.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -164,3 +171,82 @@ def test_synthetic_task_golds_are_true(tok):
     assert superglue.compute_metrics("synthetic", examples, [ex.gold for ex in examples]) == {"accuracy": 1.0}
     ids, labels = data.encode_train(tok, examples[0], 32)
     assert answer_part(tok, ids, labels) == examples[0].candidates[examples[0].gold]
+
+
+# --------------------------------------------------------------------------------------------- your own data
+
+def test_jsonl_rows(tmp_path):
+    examples = data.load_jsonl(EXAMPLE)
+    rows = [json.loads(line) for line in open(EXAMPLE, encoding="utf-8")]
+    assert len(examples) == len(rows) == 10
+    for ex, row, line_no in zip(examples, rows, range(1, 11)):
+        assert ex.prompt == row["prompt"] and ex.idx == f"{EXAMPLE}, line {line_no}"
+        assert (ex.candidates, ex.gold) == ((row["candidates"], row["label"]) if "candidates" in row
+                                            else ([row["completion"]], 0))
+
+    def load(*lines):
+        path = tmp_path / "val.jsonl"
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return data.load_jsonl(str(path))
+
+    good = '{"prompt": "p", "completion": "c"}'
+    for row, message in [
+        ('{"prompt": null, "completion": "c"}', "field 'prompt' is null; it must be text"),
+        ('{"prompt": "p", "completion": 5}', "field 'completion' is 5; it must be text"),
+        ('{"prompt": "p"}', 'expected an object with "prompt" and either "completion", or "candidates" and "label"'),
+        ('{"prompt": "p", "completion": "c", "candidates": ["a", "b"], "label": 0}', "either"),
+        ('["p", "c"]', "expected an object"),
+        ('{"prompt": "p", "candidates": ["a"], "label": 0}', "field 'candidates' must be a list of at least 2 texts"),
+        ('{"prompt": "p", "candidates": ["a", null], "label": 0}', r"candidates\[1\] is null; it must be text"),
+        ('{"prompt": "p", "candidates": ["a", "b"], "label": 2}', "field 'label' is 2; it must be the index"),
+        ('{"prompt": "p", "candidates": ["a", "b"], "label": true}', "field 'label' is true"),
+        ('{"prompt": "p", "candidates": ["a", "b"]}', "field 'label' is null"),
+        ('{"prompt": "\\udc00", "completion": "c"}', "field 'prompt' holds a lone surrogate"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "val.jsonl")) + ", line 3: .*" + message):
+            load(good, "", row)
+    with pytest.raises(ValueError, match="val.jsonl holds no examples"):
+        load("", " ")
+    with pytest.raises(FileNotFoundError, match="--task jsonl needs train.jsonl and val.jsonl"):
+        data.load_jsonl(str(tmp_path / "train.jsonl"))
+
+
+def reference_metrics(net, tok, rows):
+    """Mean NLL per target token of the gold answers, and accuracy over the rows with candidates, computed here
+    from the model's logits: the targets of an answer are its tokens that differ from the prompt's own encoding
+    and the EOS, from a position shared by all the candidates of a row."""
+    nll, n_tokens, right, choices = 0.0, 0, 0, 0
+    for row in rows:
+        answers = row.get("candidates", [row.get("completion")])
+        gold = row.get("label", 0)
+        prompt_ids = tok.encode(row["prompt"], bos=True, eos=False)
+        seqs = [tok.encode(row["prompt"] + a, bos=True, eos=True) for a in answers]
+        start = min(next(i for i, (a, b) in enumerate(zip(prompt_ids + [None], ids)) if a != b) for ids in seqs)
+        logprobs = []
+        for ids in seqs:
+            with torch.no_grad():
+                logits = net(torch.tensor([ids]))[0].float().log_softmax(-1)
+            logprobs.append(sum(logits[t - 1, ids[t]].item() for t in range(start, len(ids))))
+        nll -= logprobs[gold]
+        n_tokens += len(seqs[gold]) - start
+        if len(answers) > 1:
+            choices += 1
+            right += max(range(len(answers)), key=logprobs.__getitem__) == gold
+    return {"nll": nll / n_tokens, "perplexity": math.exp(nll / n_tokens), "accuracy": right / choices}
+
+
+def test_jsonl_task_trains_and_reports_nll_perplexity_accuracy(tmp_path, tok, tok_path):
+    for split in ("train", "val"):
+        shutil.copy(EXAMPLE, tmp_path / f"{split}.jsonl")
+    flags = ["--task", "jsonl", "--data-dir", str(tmp_path), "--tokenizer", tok_path, "--max-len", "128"]
+    before = train.main(flags + ["--epochs", "0", "--save-dir", str(tmp_path / "zero")])
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": tok.n_words})
+    net = model.Transformer(margs)
+    model.init_weights(net, seed=42)  # train.py's random model for --seed 42
+    rows = [json.loads(line) for line in open(EXAMPLE, encoding="utf-8")]
+    assert before == pytest.approx(reference_metrics(net, tok, rows), rel=1e-4)
+    after = train.main(flags + ["--epochs", "5", "--batch-size", "10", "--save-dir", str(tmp_path / "five")])
+    assert set(after) == {"nll", "perplexity", "accuracy"} and after["nll"] < before["nll"]
+    with pytest.raises(SystemExit):
+        train.parse_args(flags + ["--predict"])
+
