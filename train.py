@@ -33,7 +33,7 @@ from lomo import LOMO, AdaLomo
 from checkpoint import HFWriter, MetaWriter, open_checkpoint
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
 from plan import print_plan
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
@@ -57,7 +57,8 @@ def parse_args(argv=None):
                                 + json.dumps(DEFAULTS))
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
+    p.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or their "
+                   "folder (default: the one in --ckpt's folder; for the demo, a tiny one trained on the fly)")
     p.add_argument("--task", default="synthetic",
                    help=f"synthetic, jsonl (your own data) or a SuperGLUE task: {', '.join(superglue.TASKS)}")
     p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ...; for jsonl the folder holding "
@@ -146,17 +147,21 @@ def all_reduce(x, world, op=dist.ReduceOp.SUM):
 
 
 def load_tokenizer(args, rank, world):
-    if args.tokenizer:
-        return Tokenizer(args.tokenizer)
-    if args.task != "synthetic":
-        raise SystemExit("--tokenizer is required for a SuperGLUE task (LLaMA's tokenizer.model)")
+    """--tokenizer, else the tokenizer in --ckpt's folder, else (the demo) a tiny one trained here."""
+    path = args.tokenizer or (find_tokenizer(args.ckpt) if args.ckpt and os.path.isdir(args.ckpt) else None)
+    if path:
+        return open_tokenizer(path)
+    if args.ckpt or args.task != "synthetic":
+        raise SystemExit(f"--tokenizer is required for --task {args.task}" + (
+            f": --ckpt {args.ckpt} holds no tokenizer.model or tokenizer.json" if args.ckpt else "") +
+            " (LLaMA's tokenizer.model, or the tokenizer.json of a Hugging Face release, or its folder)")
     folder = Path(tempfile.gettempdir()) / "lomo-demo-tokenizer"
     if rank == 0:  # sentencepiece training is deterministic, so the demo tokenizer is the same every time
         folder.mkdir(exist_ok=True)
         train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
     if world > 1:
         dist.barrier()
-    return Tokenizer(str(folder / "synthetic.model"))
+    return open_tokenizer(str(folder / "synthetic.model"))
 
 
 def model_args(args, tok):

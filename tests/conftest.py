@@ -8,7 +8,7 @@ sys.path.insert(0, ROOT)
 REALDATA = os.path.join(ROOT, "..", "shared", "realdata")
 
 import data  # noqa: E402  (after the path is set)
-from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer import open_tokenizer, train_tokenizer  # noqa: E402
 
 REAL_TOKENIZER = os.path.join(REALDATA, "llama_tokenizer.model")
 REAL_SUPERGLUE = os.path.join(REALDATA, "superglue")
@@ -25,14 +25,14 @@ def tok_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tok_path):
-    return Tokenizer(tok_path)
+    return open_tokenizer(tok_path)
 
 
 @pytest.fixture(scope="session")
 def real_tok():
     if not os.path.isfile(REAL_TOKENIZER):
         pytest.skip("../shared/realdata/llama_tokenizer.model is absent")
-    return Tokenizer(REAL_TOKENIZER)
+    return open_tokenizer(REAL_TOKENIZER)
 
 
 def answer_part(tok, ids, labels):

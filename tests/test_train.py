@@ -13,7 +13,7 @@ import model
 import plan
 import train
 from dist_utils import run_workers
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import open_tokenizer, train_tokenizer
 
 # 9 training examples in global batches of 8: the last global batch holds 1 example, so one of 2 ranks runs
 # dropped padding work. 5 evaluation examples do not divide over 2 ranks either.
@@ -101,7 +101,7 @@ def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
     margs = model.ModelArgs(**margs_dict)
     args = train.parse_args(["--tokenizer", tokenizer, "--batch-size", "2", "--max-len", "48"])
     net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-    tok = Tokenizer(tokenizer)
+    tok = open_tokenizer(tokenizer)
     examples = data.synthetic_task(5, seed=7)
     scores = train.evaluate(net, tok, examples, args, rank, world, torch.device("cpu"))
     reference = model.Transformer(margs)
@@ -113,7 +113,7 @@ def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
 
 def test_uneven_eval_scores_every_example_once(tokenizer):
     margs = model.ModelArgs.from_name("tiny")
-    margs_dict = {**margs.__dict__, "vocab_size": Tokenizer(tokenizer).n_words}
+    margs_dict = {**margs.__dict__, "vocab_size": open_tokenizer(tokenizer).n_words}
     run_workers(_uneven_eval_worker, tokenizer, margs_dict)
 
 
@@ -152,7 +152,7 @@ def test_export_round_trips_in_both_formats(tokenizer, tmp_path):
 
 def _load_worker(rank, world, ckpt, tokenizer):
     args = train.parse_args(["--ckpt", ckpt, "--tokenizer", tokenizer])
-    margs = train.model_args(args, Tokenizer(tokenizer))
+    margs = train.model_args(args, open_tokenizer(tokenizer))
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
         net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
@@ -165,7 +165,7 @@ def _load_worker(rank, world, ckpt, tokenizer):
 
 def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
     margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__,
-                               "vocab_size": Tokenizer(tokenizer).n_words})
+                               "vocab_size": open_tokenizer(tokenizer).n_words})
     net = model.Transformer(margs)
     model.init_weights(net, seed=3)
     checkpoint.save_model(net, tmp_path / "ckpt", format="meta", n_shards=2)
