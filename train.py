@@ -467,11 +467,16 @@ def run(args, rank, world, device):
     margs = model_args(args, tok)
     if args.max_len > margs.max_seq_len:
         raise SystemExit(f"--max-len {args.max_len} exceeds the model's max_seq_len {margs.max_seq_len}")
+    task = args.task.lower()
     train_set = load_examples(args, "train", args.train_samples) if args.epochs else []
     val_set = load_examples(args, "val", args.eval_samples)
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
-    for ex in val_set:  # an example too long for --max-len fails now, not after training
-        data.fit_prompt(tok, ex, args.max_len)
+    # the test split; RTE's model also predicts the diagnostics AX-b and AX-g. Read now: bad files fail before training
+    predict_sets = {task: superglue.load_task(task, args.data_dir, "test")} if args.predict else {}
+    if args.predict and task == "rte":
+        predict_sets.update(superglue.load_diagnostics(args.data_dir))
+    for ex in val_set + [ex for examples in predict_sets.values() for ex in examples]:
+        data.fit_prompt(tok, ex, args.max_len)  # an example too long for --max-len fails now, not after training
     model = build_model(args, margs, rank, world, device, dtype)
     opt = build_optimizer(args, model, world)
     steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
@@ -481,7 +486,6 @@ def run(args, rank, world, device):
         step, position = load_checkpoint(args, args.resume, model, opt, sched, rank, world)
     os.makedirs(args.save_dir, exist_ok=True)
     metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-    task = args.task.lower()
 
     def run_eval():
         scores = evaluate(model, tok, val_set, args, rank, world, device)
@@ -522,16 +526,15 @@ def run(args, rank, world, device):
     if args.epochs:
         save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
     metrics = run_eval()
-    if args.predict:  # the test split; RTE's model also predicts the diagnostics AX-b and AX-g
-        sets = {task: superglue.load_task(task, args.data_dir, "test")}
-        sets.update(superglue.load_diagnostics(args.data_dir) if task == "rte" else {})
-        for name, examples in sets.items():
-            preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device))
-            if rank == 0:
-                print("predictions:", superglue.write_predictions(name, examples, preds, args.save_dir))
-        if rank == 0 and task == "rte" and len(sets) < 3:
-            print(f"no AX-b/AX-b.jsonl or AX-g/AX-g.jsonl in --data-dir {args.data_dir}: a full leaderboard "
-                  "submission needs their predictions too")
+    for name, examples in predict_sets.items():
+        preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device))
+        if rank == 0:
+            print("predictions:", superglue.write_predictions(name, examples, preds, args.save_dir))
+    missing = [f"{superglue.TASK_DIRS[name]}/{superglue.TASK_DIRS[name]}.jsonl" for name in superglue.DIAGNOSTICS
+               if args.predict and task == "rte" and name not in predict_sets]
+    if rank == 0 and missing:
+        print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
+              "their predictions too")
     if args.export:
         export(args, model, margs, rank)
     if rank == 0:
