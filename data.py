@@ -26,7 +26,8 @@ YES_NO = ["No", "Yes"]
 class Example:
     """One prompt with its candidate answers. prompt = before + passage + after; only `passage` is ever cut."""
     task: str
-    idx: object               # official idx: int; MultiRC {paragraph, question, answer}; ReCoRD {passage, query}
+    idx: object               # official idx: int (AX-b: str); MultiRC {paragraph, question, answer}; ReCoRD
+                              # {passage, query}; jsonl "<file>, line <n>"
     before: str
     passage: str
     after: str
