@@ -464,6 +464,14 @@ def test_default_subsets_are_the_papers(tmp_path, task):
             assert [ex.idx for ex in got] == [row["idx"] for row in want]
             if task == "record":
                 assert [(ex.candidates, ex.gold) for ex in got] == [(r["choices"], r["answer_idx"]) for r in want]
+    if task == "multirc":  # --sampling groups: whole questions, a subset that changes with --seed
+        every = superglue.load_task(task, str(tmp_path), "train")
+        draws = [train.load_examples(train.parse_args(["--task", task, "--data-dir", str(tmp_path), "--seed", seed,
+                                                       "--sampling", "groups"]), "train", 5) for seed in ("1", "2")]
+        for draw in draws:
+            questions = {ex.group for ex in draw}
+            assert len(draw) >= 5 and [ex.idx for ex in draw] == [ex.idx for ex in every if ex.group in questions]
+        assert draws[0] != draws[1]
 
 
 def test_group_subsets_take_whole_groups():
