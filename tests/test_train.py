@@ -13,6 +13,7 @@ import model
 import plan
 import train
 from dist_utils import run_workers
+from tokenizer import open_tokenizer, train_tokenizer
 
 # 9 training examples in global batches of 8: the last global batch holds 1 example, so one of 2 ranks runs
 # dropped padding work. 5 evaluation examples do not divide over 2 ranks either.
@@ -22,7 +23,7 @@ SMALL = ["--train-samples", "9", "--epochs", "2", "--eval-samples", "5", "--max-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    return data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+    return train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
 
 
 def metrics(save_dir):
@@ -100,7 +101,7 @@ def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
     margs = model.ModelArgs(**margs_dict)
     args = train.parse_args(["--tokenizer", tokenizer, "--batch-size", "2", "--max-len", "48"])
     net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-    tok = data.Tokenizer(tokenizer)
+    tok = open_tokenizer(tokenizer)
     examples = data.synthetic_task(5, seed=7)
     scores = train.evaluate(net, tok, examples, args, rank, world, torch.device("cpu"))
     reference = model.Transformer(margs)
@@ -112,7 +113,7 @@ def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
 
 def test_uneven_eval_scores_every_example_once(tokenizer):
     margs = model.ModelArgs.from_name("tiny")
-    margs_dict = {**margs.__dict__, "vocab_size": data.Tokenizer(tokenizer).n_words}
+    margs_dict = {**margs.__dict__, "vocab_size": open_tokenizer(tokenizer).n_words}
     run_workers(_uneven_eval_worker, tokenizer, margs_dict)
 
 
@@ -151,7 +152,7 @@ def test_export_round_trips_in_both_formats(tokenizer, tmp_path):
 
 def _load_worker(rank, world, ckpt, tokenizer):
     args = train.parse_args(["--ckpt", ckpt, "--tokenizer", tokenizer])
-    margs = train.model_args(args, data.Tokenizer(tokenizer))
+    margs = train.model_args(args, open_tokenizer(tokenizer))
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
         net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
@@ -164,7 +165,7 @@ def _load_worker(rank, world, ckpt, tokenizer):
 
 def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
     margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__,
-                               "vocab_size": data.Tokenizer(tokenizer).n_words})
+                               "vocab_size": open_tokenizer(tokenizer).n_words})
     net = model.Transformer(margs)
     model.init_weights(net, seed=3)
     checkpoint.save_model(net, tmp_path / "ckpt", format="meta", n_shards=2)
