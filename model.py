@@ -19,8 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1's RoPE scaling ("rope_type": "llama3" in Hugging Face configs): long wavelengths are stretched by
-    `factor`, short ones kept, the band between interpolated (Llama 3 paper, section 3.4; see llama3_scaled)."""
+    """Llama 3.1's RoPE scaling for long contexts ("rope_type": "llama3" in Hugging Face configs; see llama3_scaled)."""
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -41,11 +40,8 @@ class ModelArgs:
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1 and later
     max_seq_len: int = 2048
     tie_embeddings: bool = False  # the output head is the embedding matrix (Llama 3.2 1B / 3B)
-    # Explicit FFN width, overriding Meta's rule. Set when a Hugging Face config.json has an
-    # intermediate_size that Meta's rule (multiple_of=256, no multiplier) does not give.
-    ffn_hidden_dim: Optional[int] = None
-    # Explicit width of one attention head, when a config.json's head_dim is not dim / n_heads.
-    explicit_head_dim: Optional[int] = None
+    ffn_hidden_dim: Optional[int] = None  # explicit FFN width: a config.json's that Meta's rule does not give
+    explicit_head_dim: Optional[int] = None  # explicit head width: a config.json's that is not dim / n_heads
 
     def __post_init__(self):
         if (self.explicit_head_dim is None and self.dim % self.n_heads) or self.head_dim % 2:
@@ -123,9 +119,10 @@ def precompute_freqs_cis(head_dim: int, seq_len: int, theta: float = 10000.0, de
 
 
 def llama3_scaled(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    """Llama 3.1's frequency scaling (Meta's apply_scaling; transformers' _compute_llama3_parameters). Wavelengths
-    above original_max_seq_len / low_freq_factor are divided by `factor` (stretched to the longer context), those
-    below original_max_seq_len / high_freq_factor are kept, and the band between is interpolated smoothly."""
+    """Llama 3.1's frequency scaling, from Meta's reference code (apply_scaling; the paper gives no formula) and
+    transformers' _compute_llama3_parameters. Wavelengths above original_max_seq_len / low_freq_factor are divided
+    by `factor` (stretched to the longer context), those below original_max_seq_len / high_freq_factor are kept,
+    and the band between is interpolated smoothly."""
     wavelen = 2 * math.pi / freqs
     smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     smoothed = (1 - smooth) * freqs / s.factor + smooth * freqs
@@ -205,6 +202,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class TiedLogits(torch.autograd.Function):
+    """F.linear(h, weight) for a weight that is also the embedding, h (B, T, dim) -> (B, T, vocab), whose weight
+    gradient is a tensor of its own (F.linear's is a transposed view), so that autograd adds the embedding's into it
+    in place: 2 gradients of the tied weight's size at the end of the backward pass, not 3 (tests/test_plan.py)."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        return F.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, T, vocab)
+        h, weight = ctx.saved_tensors
+        return grad @ weight, grad.flatten(0, -2).t().mm(h.flatten(0, -2))  # (B, T, dim), (vocab, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, checkpointing: bool = False):
         super().__init__()
@@ -214,7 +227,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied: no output layer; the logits use the embedding matrix, one parameter with two uses (autograd sums
-        # both gradients into it before its post-accumulate-grad hook fires).
+        # both gradients before its post-accumulate-grad hook fires, once).
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -229,8 +242,9 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (vocab_size, dim)
-        return F.linear(self.norm(h), head).float()
+        if self.output is None:
+            return TiedLogits.apply(self.norm(h), self.tok_embeddings.weight).float()
+        return self.output(self.norm(h)).float()
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
