@@ -97,7 +97,7 @@ _HF_FIXED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": Fals
 _HF_IGNORED = ("architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
                "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "max_sequence_length",
                "pretraining_tp", "is_llama_config", "output_attentions", "output_hidden_states", "return_dict",
-               "tokenizer_class")
+               "tokenizer_class", "transformers.js_config")
 
 
 def _model_args(file, **kwargs) -> ModelArgs:
@@ -115,9 +115,12 @@ def _unknown_keys(config: dict, file, *known) -> None:
 
 
 def meta_args(params: dict, file, embedding_rows: int) -> ModelArgs:
-    """ModelArgs from Meta's params.json (without tying, which the tensors decide). Absent keys take the
-    defaults of Meta's reference ModelArgs; vocab_size -1 (LLaMA 1/2) means the embedding's rows."""
+    """ModelArgs from Meta's params.json (without tying, which the tensors decide). Absent optional keys take the
+    defaults of Meta's LLaMA 1/2 reference ModelArgs (rope_theta 10000: every Llama 3 params.json gives its own);
+    vocab_size -1 (LLaMA 1/2) means the embedding's rows."""
     _unknown_keys(params, file, _META_READ, _META_IGNORED)
+    if missing := [k for k in ("dim", "n_layers", "n_heads") if params.get(k) is None]:
+        raise CheckpointError(f"{file}: missing fields {missing}")
     kwargs = {k: v for k, v in params.items() if k in _META_READ and v is not None}
     kwargs.setdefault("norm_eps", 1e-5)
     if kwargs.get("vocab_size", -1) == -1:

@@ -8,7 +8,7 @@ import torch
 
 import checkpoint as C
 import formats
-from model import ModelArgs, RopeScaling
+from model import ModelArgs, RopeScaling, param_shapes
 from test_model import assert_same_state, random_model, same_architecture, tiny
 
 # --------------------------------------------------------------------- checkpoint fixtures, written here
@@ -225,6 +225,11 @@ def test_config_fields_that_change_the_model_are_errors(tmp_path):
     folder = write_meta_fixture(tmp_path / "v", random_model(), 1, vision_chunk_size=560)
     with pytest.raises(C.CheckpointError, match=r"params.json: \['vision_chunk_size'\] would change the model"):
         C.load_model(folder)
+    folder = write_meta_fixture(tmp_path / "d", random_model(), 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "dim"}))
+    with pytest.raises(C.CheckpointError, match=r"params.json: missing fields \['dim'\]"):
+        C.load_model(folder)
     folder = write_meta_fixture(tmp_path / "ok", random_model(), 1, max_batch_size=32)  # harmless: ignored
     assert C.load_model(folder).args.vocab_size == 512
     folder = write_hf_bin_fixture(tmp_path / "hf", random_model())
@@ -283,6 +288,55 @@ LLAMA3_PARAMS = {  # Meta's params.json of each release, as published
     "llama3.2-3b": dict(dim=3072, ffn_dim_multiplier=1.0, multiple_of=256, n_heads=24, n_kv_heads=8, n_layers=28,
                         norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, vocab_size=128256),
 }
+
+
+HF_CONFIGS = {  # config.json of real releases on the hub, as published (their keys, their values)
+    "llama2-7b": {"_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"],
+                  "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+                  "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+                  "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                  "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+                  "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0.dev0",
+                  "use_cache": True, "vocab_size": 32000},
+    "llama3.1-8b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+                    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "llama3.2-1b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+                    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+                    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+                    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+                    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                     "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576,
+                     "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": True,
+                     "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 9,
+                     "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                     "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+                     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+                     "use_cache": True, "vocab_size": 49152},
+}
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_published_hf_configs_read_as_their_model(name):
+    args = formats.hf_args(HF_CONFIGS[name], "config.json")
+    if name == "smollm2-135m":  # no preset: its published size, 134.5M parameters with the tied embedding
+        assert (args.rope_theta, args.tie_embeddings, args.kv_heads, args.head_dim) == (100000.0, True, 3, 64)
+        assert sum(s.numel() for s in param_shapes(args).values()) == 134_515_008
+    else:
+        preset = ModelArgs.from_name(name)
+        assert args.architecture() == preset.architecture() and args.max_seq_len == preset.max_seq_len
 
 
 @pytest.mark.parametrize("name", LLAMA3_PARAMS)
