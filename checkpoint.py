@@ -84,9 +84,9 @@ class CheckpointReader:
     def _equals_embedding(self, name: str) -> bool:
         """Whether tensor `name` equals tok_embeddings.weight: compared a block of rows at a time, the first
         row first, so that an untied model answers after reading one row."""
-        rows = self.shape(name)[0]
         if self.shape(name) != self.shape("tok_embeddings.weight"):
             return False
+        rows = self.shape(name)[0]
         bounds = [0, 1, *range(4096, rows, 4096), rows]
         return all(torch.equal(self.read(name, slice(a, b)), self.read("tok_embeddings.weight", slice(a, b)))
                    for a, b in zip(bounds, bounds[1:]) if a < b)

@@ -41,8 +41,9 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
     world == 1: no sharding. LOMO keeps one gradient alive (the largest tensor's). sgd / adamw keep every
     gradient, plus fp32 master weights (4 bytes / param) and, for AdamW, two fp32 moments (8 more), over 16-bit
     weights. A tied weight's gradient waits from the output layer's backward to the embedding's, where the two
-    are summed: one more gradient of its size (its shard, with the hand-written sharding). Sharded: everything persistent is divided by the world size; a rank also holds the full weights of
-    the unit being computed (and the prefetched next one, with block units) and that unit's full gradients.
+    are summed: one more gradient of its size (its shard, with the hand-written sharding). Sharded: everything
+    persistent is divided by the world size; a rank also holds the full weights of the unit being computed (and
+    the prefetched next one, with block units) and that unit's full gradients.
     Collectives per rank and step (ring algorithms send (W-1)/W of the data): block units are gathered in the
     forward and again in each backward pass, and reduce-scattered in each backward pass; linear units are
     gathered once more per backward pass, for the block's recompute. clip_grad_norm and fp16 add a pass.
@@ -71,7 +72,7 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
 def print_plan(args):
     """The --dry-run report for train.py's arguments."""
     try:
-        margs = open_checkpoint(args.ckpt).args if args.ckpt and not args.model else ModelArgs.from_name(args.model)
+        margs = ModelArgs.from_name(args.model) if args.model else open_checkpoint(args.ckpt).args
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"--ckpt: {e}") from None
     nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype or "bf16"]

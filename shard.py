@@ -182,7 +182,6 @@ class ShardedTransformer(nn.Module):
         self.args, self.unit = args, unit
         with torch.device("meta"):
             model = Transformer(args)
-            logits = nn.Linear(args.dim, args.vocab_size, bias=False)  # the tied head's computation
         shard = lambda module, prefix: ShardedUnit(module, prefix, group, device, dtype)  # noqa: E731
         self.embed = shard(model.tok_embeddings, "tok_embeddings.")
         if unit == "block":
@@ -196,6 +195,8 @@ class ShardedTransformer(nn.Module):
             self.layers = model.layers
         if args.tie_embeddings:  # the final norm, then the embedding's shards used as the output layer
             self.head = shard(model.norm, "norm.")
+            with torch.device("meta"):
+                logits = nn.Linear(args.dim, args.vocab_size, bias=False)
             self.output = ShardedUnit(logits, "tok_embeddings.", group, device, dtype, tied_to=self.embed)
         else:
             self.head, self.output = shard(Head(model.norm, model.output), ""), None

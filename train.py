@@ -153,7 +153,10 @@ def model_args(args, tok):
         return dataclasses.replace(margs, vocab_size=tok.n_words)
     where = "the --model preset"
     if args.ckpt:
-        ckpt = read_checkpoint_args(args.ckpt)
+        try:
+            ckpt = open_checkpoint(args.ckpt).args
+        except (CheckpointError, FileNotFoundError) as e:  # one line that names the file, no traceback
+            raise SystemExit(f"--ckpt: {e}") from None
         if margs and ckpt.architecture() != margs.architecture():
             raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
                              f"{margs}: pass the matching --model, or none")
@@ -168,14 +171,6 @@ def model_args(args, tok):
         except CheckpointError as e:
             raise SystemExit(f"--export-format meta: {e}") from None
     return margs
-
-
-def read_checkpoint_args(path) -> ModelArgs:
-    """The ModelArgs of the --ckpt folder; a folder that cannot be read is a one-line error that names the file."""
-    try:
-        return open_checkpoint(path).args
-    except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"--ckpt: {e}") from None
 
 
 class RandomWeights:
