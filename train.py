@@ -31,6 +31,7 @@ import shard
 import superglue
 from lomo import LOMO, AdaLomo
 from checkpoint import HFWriter, MetaWriter, open_checkpoint
+from formats import CheckpointError, meta_params
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
 from plan import print_plan
 from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
@@ -172,15 +173,23 @@ def model_args(args, tok):
         return dataclasses.replace(margs, vocab_size=tok.n_words)
     where = "the --model preset"
     if args.ckpt:
-        ckpt = open_checkpoint(args.ckpt).args
-        if margs and dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) != margs:
+        try:
+            ckpt = open_checkpoint(args.ckpt).args
+        except (CheckpointError, FileNotFoundError) as e:  # one line that names the file, no traceback
+            raise SystemExit(f"--ckpt: {e}") from None
+        if margs and ckpt.architecture() != margs.architecture():
             raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
                              f"{margs}: pass the matching --model, or none")
-        # Meta's params.json has no max_seq_len: keep the preset's (4096 for Llama 2)
+        # a checkpoint without a context length (Meta's, off the presets) keeps the preset's
         margs, where = (dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) if margs else ckpt), f"--ckpt {args.ckpt}"
     if margs.vocab_size != tok.n_words:
         raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of "
                          f"{margs.vocab_size} rows: use the tokenizer that came with the weights")
+    if args.export and args.export_format == "meta":
+        try:  # refuse now, not after training, what Meta's params.json cannot say
+            meta_params(margs)
+        except CheckpointError as e:
+            raise SystemExit(f"--export-format meta: {e}") from None
     return margs
 
 

@@ -1,5 +1,6 @@
 """train.py and shard.py end to end: 2 gloo ranks against 1 process, FSDP2 against the hand-written sharding,
 resumption, export, loading, the dry-run planner, the demo, and bad input."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,63 @@ def test_fsdp2_equals_hand_written_sharding(runs):
         torch.testing.assert_close(pf[key], po[key], atol=1e-5, rtol=0, msg=key)
 
 
+def _tied_worker(rank, world, argv_list, tokenizer, margs_dict):
+    """Tied runs on 2 ranks, then: a tied model's random init is the same on every backend."""
+    for argv in argv_list:
+        train.main(argv)
+    margs = model.ModelArgs(**margs_dict)
+    reference = model.Transformer(margs)
+    model.init_weights(reference, seed=7)
+    args = train.parse_args(["--tokenizer", tokenizer, "--seed", "7"])
+    for sharding in ("own", "fsdp2"):
+        args.sharding = sharding
+        net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
+        rows = train.shard.local_rows(net)
+        tensors = train.shard.local_tensors(net)
+        assert sorted(tensors) == sorted(reference.state_dict()), sharding  # no output.weight
+        for name, local in tensors.items():
+            start, stop = rows[name]
+            assert torch.equal(local, reference.state_dict()[name][start:stop]), (sharding, name)
+
+
+def test_tied_model_trains_alike_on_1_and_2_ranks_and_exports(tokenizer, tmp_path):
+    """A tied checkpoint (the Llama 3.2 1B / 3B layout) trained by 1 process and by 2 ranks with each sharding:
+    the same losses and weights. With --clip-grad-norm LOMO runs two backward passes, and the tied weight's hook
+    must see both uses' gradients summed, once per pass, in each. The export loads in transformers."""
+    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=data.Tokenizer(tokenizer).n_words,
+                                tie_embeddings=True)
+    net = model.Transformer(margs)
+    model.init_weights(net, seed=5)
+    checkpoint.save_model(net, tmp_path / "ckpt", format="hf")
+    common = SMALL + ["--tokenizer", tokenizer, "--ckpt", str(tmp_path / "ckpt"), "--clip-grad-norm", "1.0"]
+    configs = {"own-block": [], "own-linear": ["--shard-unit", "linear"], "fsdp2": ["--sharding", "fsdp2"]}
+    two = [common + flags + ["--batch-size", "4", "--save-dir", str(tmp_path / name)]
+           for name, flags in configs.items()]
+    two[0] += ["--export", str(tmp_path / "export"), "--export-format", "hf"]
+    run_workers(_tied_worker, two, tokenizer, margs.__dict__)
+    run(common + ["--batch-size", "8", "--save-dir", str(tmp_path / "one")])
+    (loss1, val1), p1 = metrics(tmp_path / "one"), final_params(tmp_path / "one")
+    assert "output.weight" not in p1 and len(loss1) == 4
+    for name in configs:
+        loss2, val2 = metrics(tmp_path / name)
+        assert [r["loss"] for r in loss2] == pytest.approx([r["loss"] for r in loss1], abs=1e-5), name
+        assert [r["grad_norm"] for r in loss2] == pytest.approx([r["grad_norm"] for r in loss1], rel=1e-5), name
+        assert val2 == val1, name
+        p2 = final_params(tmp_path / name)
+        assert p2.keys() == p1.keys()
+        for key in p1:
+            torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+    exported = checkpoint.load_model(tmp_path / "export")
+    assert exported.args.tie_embeddings
+    for key, value in final_params(tmp_path / "own-block").items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tokens = torch.randint(0, margs.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens), reference(tokens).logits.float(), atol=1e-4, rtol=0)
+
+
 def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
     """Score 5 examples over 2 ranks (3 + 2): the result must equal scoring each example alone."""
     margs = model.ModelArgs(**margs_dict)
@@ -172,6 +230,12 @@ def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("consolidated.*")) == ["consolidated.00.pth",
                                                                                   "consolidated.01.pth"]
     run_workers(_load_worker, str(tmp_path / "ckpt"), tokenizer)
+
+
+def test_dry_run_of_a_llama3_preset(capsys):
+    train.main(["--model", "llama3.2-1b", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "model llama3.2-1b: 1,235,814,400 parameters" in out and "lomo" in out
 
 
 def test_dry_run_matches_paper_table_1(capsys):
