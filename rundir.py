@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import data
 import plan
 import shard
+import superglue
 from checkpoint import HFWriter, MetaWriter
 from model import param_shapes
 
 META, METRICS = "meta.json", "metrics.jsonl"
 # Flags that a resumed training run must share with the saved one: each changes the data order, the schedule
 # or the update, so changing one mid-run would silently give a run that no single command describes.
-RUN_FLAGS = ("task", "train_samples", "seed", "epochs", "batch_size", "max_len", "optimizer", "lr", "lr_schedule",
-             "warmup_ratio", "clip_grad_norm", "clip_grad_value", "weight_decay", "stochastic_rounding", "dtype")
+RUN_FLAGS = ("task", "train_samples", "sampling", "seed", "epochs", "batch_size", "max_len", "optimizer", "lr",
+             "lr_schedule", "warmup_ratio", "clip_grad_norm", "clip_grad_value", "weight_decay", "stochastic_rounding",
+             "dtype")
 
 
 def step_name(step: int) -> str:
@@ -45,7 +46,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def run_files(folder: Path) -> list[Path]:
     """What a run of train.py writes into its folder (--overwrite deletes exactly these)."""
-    predictions = {f"{name}.jsonl" for name in data.TASK_DIRS.values()}
+    predictions = {f"{name}.jsonl" for name in superglue.TASK_DIRS.values()}
     return sorted(p for p in folder.iterdir() if p.name == METRICS or p.name in predictions
                   or (p.is_dir() and (p.name.startswith("step_") or p.name.startswith(".step_"))))
 

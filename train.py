@@ -30,21 +30,26 @@ import data
 import plan
 import rundir
 import shard
+import superglue
 from lomo import LOMO, AdaLomo
 from checkpoint import open_checkpoint
+from formats import CheckpointError, meta_params
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, random_weights
+from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
 # The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU; its batch is
 # DEMO_GLOBAL_BATCH split over the ranks, so that any number of ranks dividing it trains the same steps.
 # --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
-DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, warmup_ratio=0.1,
-                              clip_grad_norm=1.0, max_len=1024),
-            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, warmup_ratio=0.1,
-                            clip_grad_norm=0.0, max_len=1024),  # the 65B budget of shared/design/sharded-step.md
-            "synthetic": dict(lr=0.3, epochs=2, train_samples=20000, warmup_ratio=0.0, clip_grad_norm=0.0,
-                              max_len=64)}
+# --task jsonl (your own data): the SuperGLUE settings, on every row of the files.
+DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000,
+                              warmup_ratio=0.1, clip_grad_norm=1.0, max_len=1024),
+            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, eval_samples=1000,
+                            warmup_ratio=0.1, clip_grad_norm=0.0, max_len=1024),  # shared/design/sharded-step.md
+            "synthetic": dict(lr=0.3, epochs=2, train_samples=20000, eval_samples=1000, warmup_ratio=0.0,
+                              clip_grad_norm=0.0, max_len=64)}
+DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
 DEMO_GLOBAL_BATCH = 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,19 +62,25 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    by_task = "; ".join(f"{kind}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
-                        for kind, flags in DEFAULTS.items())
+    by_task = "; ".join(f"{kind}: " + ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}"
+                                                for k, v in flags.items()) for kind, flags in DEFAULTS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown,
-                                epilog=f"Defaults that depend on the task (the official LOMO config for SuperGLUE, the "
-                                f"CPU demo for synthetic): {by_task}; the demo's --batch-size is {DEMO_GLOBAL_BATCH} "
-                                "/ the number of ranks.")
+                                epilog=f"Defaults that depend on the task (the official LOMO config for SuperGLUE "
+                                f"and jsonl, the CPU demo for synthetic): {by_task}; the demo's --batch-size is "
+                                f"{DEMO_GLOBAL_BATCH} / the number of ranks.")
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
-    p.add_argument("--task", default="synthetic", help=f"synthetic or a SuperGLUE task: {', '.join(data.TASKS)}")
-    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
-    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
-    p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
+    p.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or their "
+                   "folder (default: the one in --ckpt's folder; for the demo, a tiny one trained on the fly)")
+    p.add_argument("--task", default="synthetic",
+                   help=f"synthetic, jsonl (your own data) or a SuperGLUE task: {', '.join(superglue.TASKS)}")
+    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ...; for jsonl the folder holding "
+                   "train.jsonl and val.jsonl (not needed for synthetic)")
+    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000; jsonl: all)")
+    p.add_argument("--eval-samples", type=int, help="validation examples sampled (paper: 1000; jsonl: all)")
+    p.add_argument("--sampling", default="paper", choices=("paper", "groups"),
+                   help="paper: the paper's subsets (random.sample with seed 0, whatever --seed); groups: whole "
+                   "MultiRC questions, drawn with --seed")
     p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
     p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
                    help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
@@ -95,7 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"), help="Meta's or Hugging Face's")
-    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format)")
+    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
+                   "--task rte adds the diagnostics AX-b and AX-g)")
     p.add_argument("--dry-run", action="store_true", help="print the memory and communication plan, then exit")
     p.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run")
     p.add_argument("--gpu-gib", type=float, default=24.0, help="GPU memory that --dry-run checks the plan against")
@@ -103,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-unit", default="block", choices=shard.SHARD_UNITS, help="what is gathered at once")
     args = p.parse_args(argv)
     args.task = args.task.lower()
-    kind = "dry_run" if args.dry_run else "synthetic" if args.task == "synthetic" else "superglue"
+    kind = "dry_run" if args.dry_run else args.task if args.task in ("synthetic", "jsonl") else "superglue"
     for flag, value in DEFAULTS[kind].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -116,13 +128,15 @@ def parse_args(argv=None):
     args.model = args.model or ("tiny" if not args.ckpt else None)
     if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
-    if args.task != "synthetic" and args.task not in data.TASKS:
-        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(data.TASKS)}")
+    if args.task not in ("synthetic", "jsonl") and args.task not in superglue.TASKS:
+        p.error(f"--task {args.task!r} is unknown: choose synthetic, jsonl or one of {', '.join(superglue.TASKS)}")
     if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
-        p.error(f"--data-dir {args.data_dir!r} is not a folder: a SuperGLUE task needs the folder that holds "
-                f"{data.TASK_DIRS.get(args.task, '')}/ (see the README for the download)")
-    if args.predict and args.task == "synthetic":
-        p.error("--predict writes SuperGLUE test predictions: pass a SuperGLUE --task")
+        needs = ("train.jsonl and val.jsonl (see the README for their format)" if args.task == "jsonl" else
+                 f"{superglue.TASK_DIRS.get(args.task, '')}/ (see the README for the download)")
+        p.error(f"--data-dir {args.data_dir!r} is not a folder: --task {args.task} needs the folder that holds "
+                + needs)
+    if args.predict and args.task in ("synthetic", "jsonl"):
+        p.error(f"--predict writes SuperGLUE test predictions; --task {args.task} has no test split")
     check_numbers(p, args)
     args.clip_grad_norm = args.clip_grad_norm or None
     return args
@@ -134,7 +148,7 @@ def check_numbers(p, args):
                 "keep_last": 1, "epochs": 0, "save_every": 0, "eval_every": 0, "weight_decay": 0,
                 "clip_grad_norm": 0}
     for flag, low in at_least.items():
-        if not getattr(args, flag) >= low:
+        if getattr(args, flag) is not None and not getattr(args, flag) >= low:  # None: all (--task jsonl)
             p.error(f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}")
     for flag in ("lr", "gpu_gib") + (("clip_grad_value",) if args.clip_grad_value is not None else ()):
         if not getattr(args, flag) > 0:
@@ -178,23 +192,27 @@ def user_errors(flag):
 
 
 def load_tokenizer(args, rank, world):
-    if args.tokenizer:
+    """--tokenizer, else the tokenizer in --ckpt's folder, else (the demo) a tiny one trained here."""
+    path = args.tokenizer or (find_tokenizer(args.ckpt) if args.ckpt and os.path.isdir(args.ckpt) else None)
+    if path:
         with user_errors("--tokenizer"):
-            return data.Tokenizer(args.tokenizer)
-    if args.task != "synthetic":
-        raise SystemExit("--tokenizer is required for a SuperGLUE task (LLaMA's tokenizer.model)")
+            return open_tokenizer(path)
+    if args.ckpt or args.task != "synthetic":
+        raise SystemExit(f"--tokenizer is required for --task {args.task}" + (
+            f": --ckpt {args.ckpt} holds no tokenizer.model or tokenizer.json" if args.ckpt else "") +
+            " (LLaMA's tokenizer.model, or the tokenizer.json of a Hugging Face release, or its folder)")
     # The demo's tokenizer: rank 0 trains it into a private temporary folder and sends the file to the other
     # ranks, so that no folder is shared between users, runs or machines.
     with tempfile.TemporaryDirectory(prefix="lomo-demo-tokenizer-") as folder:
         path = Path(folder) / "synthetic.model"
         model_file = [None]
         if rank == 0:
-            data.train_tokenizer(data.synthetic_texts(), str(path.with_suffix("")), vocab_size=320)
+            train_tokenizer(data.synthetic_texts(), str(path.with_suffix("")), vocab_size=320)
             model_file = [path.read_bytes()]
         if world > 1:
             dist.broadcast_object_list(model_file, src=0)
             path.write_bytes(model_file[0])
-        return data.Tokenizer(str(path))
+        return open_tokenizer(str(path))
 
 
 def model_args(args, tok):
@@ -205,16 +223,23 @@ def model_args(args, tok):
         return dataclasses.replace(margs, vocab_size=tok.n_words)
     where = "the --model preset"
     if args.ckpt:
-        with user_errors("--ckpt"):
+        try:
             ckpt = open_checkpoint(args.ckpt).args
-        if margs and dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) != margs:
+        except (CheckpointError, FileNotFoundError) as e:  # one line that names the file, no traceback
+            raise SystemExit(f"--ckpt: {e}") from None
+        if margs and ckpt.architecture() != margs.architecture():
             raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
                              f"{margs}: pass the matching --model, or none")
-        # Meta's params.json has no max_seq_len: keep the preset's (4096 for Llama 2)
+        # a checkpoint without a context length (Meta's, off the presets) keeps the preset's
         margs, where = (dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) if margs else ckpt), f"--ckpt {args.ckpt}"
     if margs.vocab_size != tok.n_words:
         raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of "
                          f"{margs.vocab_size} rows: use the tokenizer that came with the weights")
+    if args.export and args.export_format == "meta":
+        try:  # refuse now, not after training, what Meta's params.json cannot say
+            meta_params(margs)
+        except CheckpointError as e:
+            raise SystemExit(f"--export-format meta: {e}") from None
     return margs
 
 
@@ -242,8 +267,7 @@ def build_model(args, margs, rank, world, device, dtype):
         from torch.distributed.device_mesh import init_device_mesh
         model = shard.fsdp2_transformer(margs, init_device_mesh(device.type, (world,)), device, dtype)
     read = open_checkpoint(args.ckpt).read if args.ckpt else RandomWeights(margs, args.seed).read
-    with user_errors("--ckpt") if args.ckpt else contextlib.nullcontext():  # a truncated or unreadable file
-        shard.load_rows(model, lambda name, rows: read(name, rows).to(device=device, dtype=dtype))
+    shard.load_rows(model, lambda name, rows: read(name, rows).to(device=device, dtype=dtype))
     return model
 
 
@@ -384,15 +408,23 @@ def peak_memory_gib(device):
 # ------------------------------------------------------------------------------------------------- main
 
 def load_examples(args, split, n, rank):
-    """n examples of a split sampled with the seed (or all, n=None), with a notice when the file has fewer."""
+    """n examples of a split, sampled as --sampling says; all of them when n is None, or, with a notice, when the
+    file holds fewer (as the official code does)."""
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
     with user_errors("--data-dir"):
-        examples = data.load_task(args.task, args.data_dir, split)
-    if n is not None and n > len(examples) and rank == 0:
+        if args.task == "jsonl":
+            examples = data.load_jsonl(os.path.join(args.data_dir, f"{split}.jsonl"))
+        else:
+            examples = superglue.load_task(args.task, args.data_dir, split)
+    if n is None:
+        return examples
+    if n > len(examples) and rank == 0:
         print(f"notice: {args.task} {split} holds {len(examples)} examples, fewer than the {n} asked for "
               f"(--{'train' if split == 'train' else 'eval'}-samples): all are used")
-    return examples if n is None else data.sample_examples(examples, n, args.seed)
+    if args.sampling == "paper":
+        return data.paper_subset(examples, n)
+    return data.group_subset(examples, n, args.seed)
 
 
 def check_max_len(args, tok, margs, splits):
@@ -409,8 +441,8 @@ def check_max_len(args, tok, margs, splits):
         if need > args.max_len:
             fix = (f"pass --max-len {need} or more" if need <= margs.max_seq_len else
                    f"that is more than the model's max_seq_len {margs.max_seq_len}")
-            raise SystemExit(f"--max-len {args.max_len} is too short for {args.task} {split}: example {examples[i].idx} "
-                             f"needs {need} tokens even with its passage cut away; {fix}")
+            raise SystemExit(f"--max-len {args.max_len} is too short for {split}: example {examples[i].idx} needs "
+                             f"{need} tokens even with its passage cut away; {fix}")
 
 
 def main(argv=None):
@@ -456,8 +488,13 @@ def run(args, rank, world, device):
     margs = model_args(args, tok)
     train_set = load_examples(args, "train", args.train_samples, rank) if args.epochs else []
     val_set = load_examples(args, "val", args.eval_samples, rank)
-    test_set = load_examples(args, "test", None, rank) if args.predict else []
-    check_max_len(args, tok, margs, {"train": train_set, "val": val_set, "test": test_set})
+    # the test split; RTE's model also predicts the diagnostics AX-b and AX-g
+    predict_sets = {args.task: load_examples(args, "test", None, rank)} if args.predict else {}
+    if args.predict and args.task == "rte":
+        with user_errors("--data-dir"):
+            predict_sets.update(superglue.load_diagnostics(args.data_dir))
+    check_max_len(args, tok, margs, {f"{args.task} train": train_set, f"{args.task} val": val_set,
+                                     **{f"{name} test": examples for name, examples in predict_sets.items()}})
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
     if rank == 0:
         folder.warn_if_short_of_space(margs, dtype)
@@ -469,8 +506,11 @@ def run(args, rank, world, device):
     step, position = folder.load(model, opt, sched) if args.resume else (0, (0, 0))
 
     def run_eval():
-        preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
-        metrics = data.compute_metrics(args.task, val_set, preds)
+        scores = evaluate(model, tok, val_set, args, rank, world, device)
+        if args.task == "jsonl":
+            metrics = data.answer_metrics(tok, val_set, scores, args.max_len)
+        else:
+            metrics = superglue.compute_metrics(args.task, val_set, data.predict(val_set, scores))
         folder.log({"step": step, "split": "val", "task": args.task, **metrics})
         return metrics
 
@@ -502,10 +542,16 @@ def run(args, rank, world, device):
     if args.epochs:
         written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, sched)
     metrics = run_eval()
-    if args.predict:
-        preds = data.predict(test_set, evaluate(model, tok, test_set, args, rank, world, device, desc="predict"))
+    for name, examples in predict_sets.items():
+        preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device, desc=f"predict {name}"))
         if rank == 0:
-            written["predictions"] = data.write_predictions(args.task, test_set, preds, args.save_dir)
+            path = superglue.write_predictions(name, examples, preds, args.save_dir)
+            written["predictions"] = ", ".join(filter(None, [written.get("predictions"), path]))
+    missing = [f"{superglue.TASK_DIRS[name]}/{superglue.TASK_DIRS[name]}.jsonl" for name in superglue.DIAGNOSTICS
+               if args.predict and args.task == "rte" and name not in predict_sets]
+    if rank == 0 and missing:
+        print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
+              "their predictions too")
     if args.export:
         rundir.export(args, model, margs, rank, world)
         written["export"] = args.export

@@ -14,6 +14,7 @@ import data
 import rundir
 import train
 from dist_utils import run_workers
+from tokenizer import train_tokenizer
 
 # 8 examples in batches of 2: 4 steps an epoch, 8 in all; checkpoints at 2, 4, 6, 8; evaluations at 3, 6 and the end
 FLAGS = ["--train-samples", "8", "--epochs", "2", "--eval-samples", "4", "--max-len", "48", "--batch-size", "2",
@@ -23,7 +24,7 @@ FLAGS = ["--train-samples", "8", "--epochs", "2", "--eval-samples", "4", "--max-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    return data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+    return train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
 
 
 @pytest.fixture(scope="module")
