@@ -120,7 +120,7 @@ def test_tied_model_trains_alike_on_1_and_2_ranks_and_exports(tokenizer, tmp_pat
     """A tied checkpoint (the Llama 3.2 1B / 3B layout) trained by 1 process and by 2 ranks with each sharding:
     the same losses and weights. With --clip-grad-norm LOMO runs two backward passes, and the tied weight's hook
     must see both uses' gradients summed, once per pass, in each. The export loads in transformers."""
-    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=data.Tokenizer(tokenizer).n_words,
+    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=open_tokenizer(tokenizer).n_words,
                                 tie_embeddings=True)
     net = model.Transformer(margs)
     model.init_weights(net, seed=5)
