@@ -301,6 +301,15 @@ def test_checkpoint_that_does_not_match_the_model(tokenizer, tmp_path):
         train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
 
 
+def test_embedding_padded_beyond_the_tokenizer_is_accepted(tokenizer, tmp_path):
+    """Many checkpoints pad their vocabulary (e.g. to a multiple of 64): the extra rows are never a target."""
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 336})
+    checkpoint.save_model(model.Transformer(margs), tmp_path / "ckpt")
+    metrics = train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer, "--epochs", "0",
+                          "--eval-samples", "4", "--save-dir", str(tmp_path / "run")])
+    assert 0 <= metrics["accuracy"] <= 1
+
+
 def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
     flags = SMALL + ["--tokenizer", tokenizer, "--batch-size", "8", "--epochs", "1", "--eval-samples", "2"]
     run(flags + ["--save-dir", str(tmp_path / "a")])
