@@ -217,7 +217,7 @@ def load_tokenizer(args, rank, world):
 
 def model_args(args, tok):
     """The model's shape: the --model preset, or what --ckpt holds (which must then match the preset). The tiny
-    demo model takes the tokenizer's vocabulary; any other must have the tokenizer's."""
+    demo model takes the tokenizer's vocabulary; any other needs an embedding row for every token."""
     margs = ModelArgs.from_name(args.model) if args.model else None
     if args.model == "tiny" and not args.ckpt:
         return dataclasses.replace(margs, vocab_size=tok.n_words)
@@ -232,8 +232,8 @@ def model_args(args, tok):
                              f"{margs}: pass the matching --model, or none")
         # a checkpoint without a context length (Meta's, off the presets) keeps the preset's
         margs, where = (dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) if margs else ckpt), f"--ckpt {args.ckpt}"
-    if margs.vocab_size != tok.n_words:
-        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of "
+    if tok.n_words > margs.vocab_size:  # more rows than tokens is fine: many checkpoints pad their embedding
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of only "
                          f"{margs.vocab_size} rows: use the tokenizer that came with the weights")
     if args.export and args.export_format == "meta":
         try:  # refuse now, not after training, what Meta's params.json cannot say

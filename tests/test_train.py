@@ -132,7 +132,7 @@ def test_tied_model_trains_alike_on_1_and_2_ranks_and_exports(tokenizer, tmp_pat
     """A tied checkpoint (the Llama 3.2 1B / 3B layout) trained by 1 process and by 2 ranks with each sharding:
     the same losses and weights. With --clip-grad-norm LOMO runs two backward passes, and the tied weight's hook
     must see both uses' gradients summed, once per pass, in each. The export loads in transformers."""
-    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=data.Tokenizer(tokenizer).n_words,
+    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=open_tokenizer(tokenizer).n_words,
                                 tie_embeddings=True)
     net = model.Transformer(margs)
     model.init_weights(net, seed=5)
@@ -336,6 +336,15 @@ def test_checkpoint_that_does_not_match_the_model(tokenizer, tmp_path):
         train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer, "--save-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--ckpt: .*nowhere does not exist"):
         train.main(["--ckpt", str(tmp_path / "nowhere"), "--tokenizer", tokenizer, "--save-dir", str(tmp_path / "out")])
+
+
+def test_embedding_padded_beyond_the_tokenizer_is_accepted(tokenizer, tmp_path):
+    """Many checkpoints pad their vocabulary (e.g. to a multiple of 64): the extra rows are never a target."""
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 336})
+    checkpoint.save_model(model.Transformer(margs), tmp_path / "ckpt")
+    metrics = train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer, "--epochs", "0",
+                          "--eval-samples", "4", "--save-dir", str(tmp_path / "run")])
+    assert 0 <= metrics["accuracy"] <= 1
 
 
 def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
