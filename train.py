@@ -407,7 +407,7 @@ def peak_memory_gib(device):
 
 # ------------------------------------------------------------------------------------------------- main
 
-def load_examples(args, split, n, rank):
+def load_examples(args, split, n, rank=0):
     """n examples of a split, sampled as --sampling says; all of them when n is None, or, with a notice, when the
     file holds fewer (as the official code does)."""
     if args.task == "synthetic":
@@ -480,10 +480,6 @@ def run(args, rank, world, device):
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    folder = rundir.RunDir(args, rank, world)
-    folder.check()
-    if args.export:
-        rundir.check_export(args.export)
     tok = load_tokenizer(args, rank, world)
     margs = model_args(args, tok)
     train_set = load_examples(args, "train", args.train_samples, rank) if args.epochs else []
@@ -496,6 +492,10 @@ def run(args, rank, world, device):
     check_max_len(args, tok, margs, {f"{args.task} train": train_set, f"{args.task} val": val_set,
                                      **{f"{name} test": examples for name, examples in predict_sets.items()}})
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
+    folder = rundir.RunDir(args, rank, world)  # where the run writes: checked before the model is loaded
+    folder.check()
+    if args.export:
+        rundir.check_export(args.export)
     if rank == 0:
         folder.warn_if_short_of_space(margs, dtype)
     folder.prepare()
