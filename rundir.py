@@ -185,9 +185,9 @@ class RunDir:
             if not self.args.overwrite:
                 latest = checkpoints(self.root)
                 resume = f"--resume {latest[-1]} to continue it, " if latest else ""
-                raise SystemExit(f"--save-dir {self.root} is not empty (it holds {', '.join(e.name for e in entries[:4])}"
-                                 f"{', ...' if len(entries) > 4 else ''}): pass {resume}--overwrite to delete "
-                                 "the earlier run's files and start afresh, or a new --save-dir")
+                held = ", ".join(e.name for e in entries[:4]) + (", ..." if len(entries) > 4 else "")
+                raise SystemExit(f"--save-dir {self.root} is not empty (it holds {held}): pass {resume}--overwrite "
+                                 "to delete the earlier run's files and start afresh, or a new --save-dir")
             self.to_delete = run_files(self.root)
         check_writable(self.root, f"--save-dir {self.root}")
 

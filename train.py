@@ -543,7 +543,8 @@ def run(args, rank, world, device):
         written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, sched)
     metrics = run_eval()
     for name, examples in predict_sets.items():
-        preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device, desc=f"predict {name}"))
+        scores = evaluate(model, tok, examples, args, rank, world, device, desc=f"predict {name}")
+        preds = data.predict(examples, scores)
         if rank == 0:
             path = superglue.write_predictions(name, examples, preds, args.save_dir)
             written["predictions"] = ", ".join(filter(None, [written.get("predictions"), path]))
