@@ -11,7 +11,11 @@ One unit in one training step (see the README for the picture):
               ranks) into this rank's rows -> autograd accumulates them into the shard -> lomo.py's hook updates
               the shard and frees its gradient -> free the full weights and gradients
 The autograd Function `_GatherRun` does all of this, so lomo.py never learns that the model is sharded.
+`NonFiniteGuard` (both backends) makes a non-finite gradient that any rank saw in a unit visible to every rank.
 """
+import math
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,6 +47,32 @@ def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+class NonFiniteGuard:
+    """Makes every rank stop LOMO's single-pass updates at the same unit (lomo.py stops at the first non-finite
+    gradient its hooks see, and each rank sees only its own rows).
+
+    Called on each unit's reduce-scattered gradient buffer (this rank's rows of every parameter of the unit)
+    before the optimizer's hooks see it: one all-reduce of the buffer's sum (4 bytes) per unit; when that sum is
+    non-finite, here or on any rank, or was at an earlier unit of this backward pass, NaN is added to the whole
+    buffer on every rank, otherwise 0.0 (one pass over this rank's gradient rows). So updates stop at the first
+    unit in which any rank saw a non-finite gradient, on every rank, whatever the order of the hooks within it.
+    reset() at each forward pass."""
+
+    def __init__(self, group=None):
+        self.group, self.poison = group, None
+
+    def reset(self):
+        self.poison = None
+
+    @torch.no_grad()
+    def __call__(self, flat: torch.Tensor):
+        total = flat.sum(dtype=torch.float32).reshape(1)
+        dist.all_reduce(total, group=self.group)  # non-finite on every rank if it is on any
+        poison = torch.where(torch.isfinite(total), 0.0, math.nan)  # NaN stays NaN when added: sticky
+        self.poison = poison if self.poison is None else self.poison + poison
+        flat.add_(self.poison.to(flat.dtype))
+
+
 class ShardedUnit(nn.Module):
     """The row shards of one module's parameters. The full tensors exist only while the module runs.
 
@@ -69,6 +99,7 @@ class ShardedUnit(nn.Module):
             nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
             for (a, b), s in zip(self.ranges[self.rank], self.shapes))
         self.next_unit = self.prev_unit = None  # prefetch order, set by ShardedTransformer
+        self.guard = None  # a NonFiniteGuard shared by the model's units, set by ShardedTransformer
         self._pending = None
 
     def prefetch(self):
@@ -106,6 +137,8 @@ class ShardedUnit(nn.Module):
                 flat[r, self.offsets[r][i]:self.offsets[r][i] + self.numels[r][i]] = grad[start:stop].reshape(-1)
         out = flat.new_empty(self.chunk)
         reduce_scatter(out, flat.view(-1), self.group)
+        if self.guard is not None:
+            self.guard(out)
         return [out[o:o + s.numel()].view(s.shape) for o, s in zip(self.offsets[self.rank], self.shards)]
 
     def forward(self, *inputs):
@@ -184,6 +217,9 @@ class ShardedTransformer(nn.Module):
                         setattr(layer.get_submodule(parent), attr, shard(module, f"layers.{i}.{name}."))
             self.layers = model.layers
         self.head = shard(Head(model.norm, model.output), "")
+        self.guard = NonFiniteGuard(group)
+        for unit in self.units():
+            unit.guard = self.guard
         if unit == "block":
             chain = [self.embed, *self.layers, self.head]
             for a, b in zip(chain, chain[1:]):  # plain attributes, not child modules (that would be a cycle)
@@ -195,6 +231,7 @@ class ShardedTransformer(nn.Module):
 
     def forward(self, tokens):
         """tokens (B, T) -> logits (B, T, vocab) in fp32."""
+        self.guard.reset()
         freqs_cis = precompute_freqs_cis(self.args.head_dim, tokens.shape[1], self.args.rope_theta, tokens.device)
         h = self.embed(tokens)
         for layer in self.layers:
@@ -210,7 +247,8 @@ class ShardedTransformer(nn.Module):
 def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     """The reference backend: PyTorch's fully_shard on each block and on the root, with per-block activation
     checkpointing. Parameters are DTensors sharded by rows (torch.chunk sizes); lomo.py works on their local
-    tensors. Gradients are summed over ranks, as in the hand-written backend."""
+    tensors. Gradients are summed over ranks, as in the hand-written backend. A NonFiniteGuard runs on each
+    unit's reduce-scattered gradients (FSDP2's all-reduce hook, which fires after the reduce-scatter)."""
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
@@ -222,6 +260,14 @@ def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     for module in [model, *model.layers]:
         module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a global mean
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    guard = NonFiniteGuard(mesh.get_group())
+    if hasattr(model, "set_all_reduce_hook"):
+        for module in [model, *model.layers]:
+            module.set_all_reduce_hook(guard)
+        model.register_forward_pre_hook(lambda module, args: guard.reset())
+    else:
+        warnings.warn("this torch has no FSDPModule.set_all_reduce_hook: with --sharding fsdp2, LOMO's single-pass "
+                      "updates after a non-finite gradient may stop at different units on different ranks")
     return model
 
 
