@@ -34,7 +34,8 @@ class StepInfo:
     """What one `fused_backward` call did, for logging. Equal on every rank of the process group."""
     skipped: bool                      # True: no parameter was updated (or, see `reason`, the update stopped)
     reason: Optional[str] = None       # why the step was skipped
-    grad_norm: Optional[float] = None  # global L2 norm of the (unscaled, value-clipped) gradients, before norm clipping
+    grad_norm: Optional[float] = None  # global L2 norm of the (unscaled, value-clipped) gradients before norm
+    #                                    clipping, when the step computed it (check pass, tensor-scope clipping, AdaLomo)
     loss_scale: Optional[float] = None  # the fp16 loss scale used for this step
 
 
@@ -68,19 +69,29 @@ def _chunks(t: torch.Tensor, rows: int):
     return (t if t.dim() else t.unsqueeze(0)).split(rows)
 
 
+def _select_(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """t where the 0-dim bool `ok` is True, else +0.0, in place and without a host sync. An AND with an all-ones or
+    all-zeros bit mask, not a product: 0 * inf is NaN, but the mask turns inf and NaN into 0 as well. (On the CPU it
+    is also ten times faster than torch.where with a 0-dim condition, which is not vectorised.)"""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    t.view(ints).bitwise_and_(-ok.to(ints))
+    return t
+
+
 def _apply_(p, t1, t2, decay, ok, stochastic):
     """p <- p * decay + t1 * t2, in place, computed in fp32 and rounded once into p's dtype.
 
     decay: None (no decay), a number or a 0-dim tensor. t2: a float, or an fp32 tensor of one dimension or more,
     so that type promotion computes in fp32 even for 16-bit p and t1: inside the kernel on CUDA, through
     temporaries of this chunk's size on the CPU (whose add_ would round a float alpha to p's dtype: 1e-3 / 65536
-    is 0 in fp16). ok: None, or a 0-dim bool tensor on p's device; where it is False, p is left unchanged.
+    is 0 in fp16). ok: None, or a 0-dim bool tensor on p's device; where it is False, p is left unchanged. t1 is
+    overwritten (it is a gradient chunk or a temporary).
     """
     if torch.is_tensor(t2) and t2.dim() == 0:
         t2 = t2.reshape(1)
     if ok is not None:  # select, never multiply by a mask: 0 * inf is NaN
-        t1 = torch.where(ok, t1, 0)
-        t2 = torch.where(ok, t2, 0) if torch.is_tensor(t2) else t2
+        t1 = _select_(t1, ok)
+        t2 = torch.where(ok, t2, 0) if torch.is_tensor(t2) else t2  # small: a scalar or a row of column factors
         decay = None if decay is None else torch.where(ok, decay, 1.0)
     if decay is None and not (stochastic and p.dtype == torch.bfloat16):
         if isinstance(t2, float) and (p.dtype == torch.float32 or p.device.type != "cpu"):
@@ -269,7 +280,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             bad = self._all_reduce((~self._ok).float().reshape(1))
             self._ok = bad[0] == 0
         loss_ok = self._ok.clone()
-        self._sq = torch.zeros((), dtype=torch.float32, device=loss.device)
+        self._sq, self._norm_known = torch.zeros((), dtype=torch.float32, device=loss.device), True
         self._guarded = not self.check_pass
         if self.check_pass:
             self._backward("check", loss * scale, retain_graph=True)
@@ -293,7 +304,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             flags = torch.stack([(~self._ok).float(), self._sq])
             self._all_reduce(flags)  # the step's flags and squared norm, over every rank
             finite, bad, sq = torch.cat([loss_ok.float().reshape(1), flags]).tolist()  # the one host sync
-            info.grad_norm = math.sqrt(sq) / scale if finite else None
+            info.grad_norm = math.sqrt(sq) / scale if finite and self._norm_known else None
             if not finite:  # every update was masked
                 info.skipped, info.reason = True, "non-finite loss"
                 return self._finish(info)
@@ -329,8 +340,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._phase, self._seen = "idle", set()
 
     def _record(self, sq, finite):
-        """Note a local gradient's squared norm (for StepInfo.grad_norm) and whether it was finite."""
-        if sq is not None:
+        """Note a local gradient's squared norm (for StepInfo.grad_norm; None: not computed) and whether it was
+        finite."""
+        if sq is None:
+            self._norm_known = False
+        else:
             self._sq.add_(sq)
         self._ok.logical_and_(finite)
 
@@ -418,9 +432,8 @@ class LOMO(_FusedOptimizer):
                          clip_grad_norm_scope)
 
     def _update(self, param, p, g, coef, group, sq):
-        if self._guarded and sq is None:  # one read of g: its norm for StepInfo, and whether it is finite
-            sq = _sq_norm(g)
-            self._record(sq, torch.isfinite(sq))
+        if self._guarded and sq is None:  # one read of g: a sum is non-finite if any element is
+            self._record(None, torch.isfinite(g.sum(dtype=torch.float32)))
         lr, weight_decay = group["lr"], group["weight_decay"]
         alpha = -lr * coef  # a float, or a 0-dim tensor with tensor-scope clipping
         decay = 1 - lr * weight_decay if weight_decay else None
@@ -498,7 +511,8 @@ class AdaLomo(_FusedOptimizer):
             g_sq = gf.square().sum()
             stats = self._all_reduce(torch.stack([coef2 * t.square().sum(), _sq_norm(p)]))
             sum_u2, w_sq, new_state = stats[0], stats[1], {"sq": v}
-        self._record(g_sq if sq is None else None, torch.isfinite(sum_u2) & torch.isfinite(w_sq))
+        finite = torch.isfinite(sum_u2) & torch.isfinite(w_sq)
+        self._record(g_sq, finite) if sq is None else self._ok.logical_and_(finite)  # sq: already recorded
         step = group["lr"] * (w_sq / numel).sqrt().clamp(min=eps2)
         factor = -coef * step / ((sum_u2 / numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
         decay = 1 - step * group["weight_decay"] if group["weight_decay"] else None
