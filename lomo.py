@@ -55,7 +55,7 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
     rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000); the bf16 cast below is then exact
     rounded = torch.where(torch.isnan(src), bits, rounded)
-    return dst.copy_(rounded.view(torch.float32).view(src.shape))
+    return dst.copy_(rounded.view(torch.float32))
 
 
 def _rows_per_chunk(t: torch.Tensor) -> int:
@@ -141,10 +141,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         before any parameter changes.
       - update pass: each hook updates its parameter and frees the gradient.
     Without a check pass (single-pass mode), a flag on the device records whether every gradient so far was
-    finite, and each update is selected by it (torch.where), so updates stop at the first non-finite gradient
-    with no host synchronisation per parameter; the flag is read back once, after the pass. The updates made
-    before that gradient cannot be undone: the step is reported as skipped. `check_finite=True` buys full
-    protection at the cost of the second backward pass.
+    finite (LOMO: a sum of each gradient; AdaLomo: its statistics), and each update is selected by it (never
+    multiplied by it: 0 * inf is NaN), so updates stop at the first non-finite gradient, which is not applied
+    either, with no host synchronisation per parameter; the flag is read back once, after the pass. The updates
+    made before that gradient cannot be undone: the step is reported as skipped. A non-finite loss masks every
+    update. `check_finite=True` buys full protection at the cost of the second backward pass.
 
     `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (as in
     ZeRO-3 or FSDP2). Quantities spanning a whole tensor are then reduced over it, and the step's flags too, so
@@ -284,10 +285,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._guarded = not self.check_pass
         if self.check_pass:
             self._backward("check", loss * scale, retain_graph=True)
-            sq = self._all_reduce(self._sq.reshape(1))[0]
-            finite, sq = torch.stack([loss_ok.float(), sq]).tolist()  # the step's one host synchronisation
+            finite, bad, sq = self._read_back(loss_ok)
             info.grad_norm = math.sqrt(sq) * self._coef
-            if not finite or not math.isfinite(info.grad_norm):
+            if not finite or bad or not math.isfinite(info.grad_norm):
                 self._backward("discard", loss * scale)  # frees the retained graph at once
                 if not finite:
                     info.skipped, info.reason = True, "non-finite loss"
@@ -301,9 +301,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._backward("update", loss * scale)
         else:
             self._backward("update", loss * scale)
-            flags = torch.stack([(~self._ok).float(), self._sq])
-            self._all_reduce(flags)  # the step's flags and squared norm, over every rank
-            finite, bad, sq = torch.cat([loss_ok.float().reshape(1), flags]).tolist()  # the one host sync
+            finite, bad, sq = self._read_back(loss_ok)
             info.grad_norm = math.sqrt(sq) / scale if finite and self._norm_known else None
             if not finite:  # every update was masked
                 info.skipped, info.reason = True, "non-finite loss"
@@ -317,6 +315,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if self._clean_steps == self.loss_scale_window:  # grow the scale back after a clean window
                 self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
         return self._finish(info)
+
+    def _read_back(self, loss_ok):
+        """(loss finite, some gradient non-finite, squared norm), over every rank: the step's one host sync."""
+        flags = self._all_reduce(torch.stack([(~self._ok).float(), self._sq]))
+        finite, bad, sq = torch.cat([loss_ok.float().reshape(1), flags]).tolist()
+        return finite == 1, bad > 0, sq
 
     def _finish(self, info):
         self._ok = self._sq = None
@@ -366,7 +370,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             return
         g, coef = _local(grad), self._coef
         if self.clip_grad_value is not None:  # clamp the true (unscaled) gradient, in place
-            bound = self.clip_grad_value * (self.loss_scale or 1.0)
+            self._ok.logical_and_(torch.isfinite(g.sum(dtype=torch.float32)))  # first: clamping turns inf finite
+            bound = min(self.clip_grad_value * (self.loss_scale or 1.0), torch.finfo(g.dtype).max)
             g = g.clamp_(-bound, bound)
         if self._phase == "check":
             self._sq.add_(_sq_norm(g))

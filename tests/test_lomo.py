@@ -194,6 +194,26 @@ def test_fp16_overflow_skips_whole_step_and_scale_recovers():
     assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_clip_grad_value_does_not_hide_an_infinite_gradient(dtype):
+    """Clamping turns inf into the bound: finiteness is judged before it (fp16: an overflow, so the whole step is
+    skipped and the scale halves; bf16, single pass: the updates stop)."""
+    torch.manual_seed(0)
+    model = TiedNet(dtype)
+    before = snapshot(model)
+    opt = LOMO(model.parameters(), lr=0.01, clip_grad_value=0.01, loss_scale=1024.0)
+    first = model.inp.weight.detach().clone()
+    handle = model.inp.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.inf))  # no NaN
+    x, y = make_data()
+    info = opt.fused_backward(loss_fn(model, x.to(dtype), y))
+    handle.remove()
+    assert info.skipped and "non-finite gradient" in info.reason
+    after = snapshot(model)
+    assert torch.equal(model.inp.weight, first)  # the first layer's (infinite) gradient is never applied
+    if dtype == torch.float16:
+        assert opt.loss_scale == 512.0 and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_nonfinite_loss_skips_step():
     model = TiedNet()
     before = snapshot(model)
@@ -855,3 +875,19 @@ def test_compiled_model_trains_in_every_mode_like_eager():
             assert not torch.equal(model.output.weight, init["output.weight"])
             for (name, p), q in zip(model.named_parameters(), eager.parameters()):
                 torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_adalomo_temporaries_are_a_chunk_not_copies_of_the_gradient():
+    from bench import TensorMemoryTracker
+
+    torch.manual_seed(0)
+    w = nn.Parameter((torch.randn(2048, 1024) * 0.02).bfloat16())
+    x = torch.randn(4, 1024).bfloat16()
+    nbytes = w.numel() * 2
+    for kw in ({}, {"clip_grad_norm": 1.0, "weight_decay": 0.1}):
+        opt = AdaLomo([w], lr=1e-3, **kw)
+        loss = (x @ w.t()).float().pow(2).mean()
+        with TensorMemoryTracker([w, x, loss]) as tracker:
+            assert not opt.fused_backward(loss).skipped
+        # the weight, its 16-bit gradient, and fp32 temporaries of one chunk (2^18 elements: 1 MiB each)
+        assert tracker.peak < 2 * nbytes + 4 * 2 ** 20, kw
