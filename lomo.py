@@ -129,30 +129,25 @@ def _call_owner(owner, p, index):
 class _FusedOptimizer(torch.optim.Optimizer):
     """The machinery shared by LOMO and AdaLomo: hooks, check pass, loss scaling, finiteness, state.
 
-    A post-accumulate-grad hook on every trainable parameter does the work (LOMO Sec. 3.2). Autograd calls it once
-    per backward pass, after the parameter's `.grad` is complete; the hook receives its own parameter and group,
-    so each call costs O(1). The newest optimizer built over a parameter owns it: an older one's hook on it is
-    removed, so no parameter is ever updated twice. `remove_hooks()` detaches an optimizer.
+    A post-accumulate-grad hook on every trainable parameter does the work (LOMO Sec. 3.2): autograd calls it once
+    per backward pass, when the parameter's `.grad` is complete, with its own parameter and group (O(1) a call).
+    The newest optimizer built over a parameter owns it (an older one's hook on it is removed, so nothing is
+    updated twice); `remove_hooks()` detaches an optimizer.
 
     Passes over ONE forward graph:
-      - check pass (retain_graph=True), run for `clip_grad_norm` (global scope), fp16 parameters (loss scaling)
-        and `check_finite=True`: each hook adds its gradient's squared norm and frees the gradient. Then the
-        global norm is read back (the step's one host synchronisation), and a non-finite one skips the whole step
-        before any parameter changes.
+      - check pass (retain_graph=True), for `clip_grad_norm` (global scope), fp16 parameters (loss scaling) and
+        `check_finite=True`: each hook adds its gradient's squared norm and frees it. The host reads the result
+        (the step's one sync); a non-finite one skips the whole step before any parameter changes.
       - update pass: each hook updates its parameter and frees the gradient.
-    Without a check pass (single-pass mode), a flag on the device records whether every gradient so far was
-    finite (LOMO: a sum of each gradient; AdaLomo: its statistics), and each update is selected by it (never
-    multiplied by it: 0 * inf is NaN), so updates stop at the first non-finite gradient, which is not applied
-    either, with no host synchronisation per parameter; the flag is read back once, after the pass. The updates
-    made before that gradient cannot be undone: the step is reported as skipped. A non-finite loss masks every
-    update. `check_finite=True` buys full protection at the cost of the second backward pass.
+    Without a check pass, a device flag records whether every gradient so far (and the loss) was finite, and each
+    update is selected by it, so updates stop at the first non-finite gradient with no host sync per parameter;
+    the flag is read once, after the pass. Earlier updates cannot be undone: the step is reported as skipped.
 
-    `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (as in
-    ZeRO-3 or FSDP2). Quantities spanning a whole tensor are then reduced over it, and the step's flags too, so
-    that `StepInfo` is the same on every rank. In single-pass mode each rank sees only its own rows of a
-    gradient: the sharding layer must make a non-finite gradient visible to every rank's hook (shard.py poisons
-    the unit's gradients on every rank), or LOMO's updates may stop at different parameters on different
-    ranks. AdaLomo and tensor-scope clipping reduce per-tensor statistics anyway, so they agree by themselves.
+    `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (ZeRO-3,
+    FSDP2). Whole-tensor quantities are reduced over it, and so are the step's flags (StepInfo is the same on every
+    rank). In single-pass mode a rank sees only its own rows: for LOMO to stop at the same parameter on every rank,
+    the sharding layer must make a non-finite gradient visible to every rank (shard.NonFiniteGuard). AdaLomo and
+    tensor-scope clipping reduce per-tensor statistics anyway, so they agree by themselves.
     """
 
     def __init__(self, params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
@@ -240,10 +235,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self):
         """Before a step: refuse a retired optimizer and stale gradients; hook parameters unfrozen since the last
         step (torch.optim.SGD trains a parameter of its groups as soon as it gets a gradient; so does this)."""
-        if self._removed or self._taken:
-            why = "remove_hooks() was called" if self._removed else \
-                f"{self._taken} of its parameters now belong to a newer LOMO / AdaLomo built over them"
-            raise RuntimeError(f"this optimizer can no longer step: {why}; step with the newer optimizer")
+        if self._removed:
+            raise RuntimeError("this optimizer can no longer step: remove_hooks() was called; build a new one")
+        if self._taken:
+            raise RuntimeError(f"this optimizer can no longer step: {self._taken} of its parameters now belong to "
+                               "a newer LOMO / AdaLomo built over them; step with that one")
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
@@ -259,9 +255,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         stock learning-rate schedulers see an optimizer step and raise no warning."""
         return None
 
-    def _all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+    def _all_reduce(self, tensor):
+        """Sum `tensor` over the process group, in place."""
         if self.process_group is not None:
-            dist.all_reduce(tensor, op=op, group=self.process_group)
+            dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
     def fused_backward(self, loss: torch.Tensor) -> StepInfo:
@@ -390,10 +387,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         sq: g's squared norm if already recorded, else None."""
         raise NotImplementedError
 
-    def _mask(self):
-        """The device flag that selects this parameter's update, or None when no flag is needed."""
-        return self._ok if self._guarded else None
-
     def state_dict(self):
         """torch.optim state plus what exact resumption needs: step count, fp16 loss scale."""
         sd = super().state_dict()
@@ -442,7 +435,7 @@ class LOMO(_FusedOptimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         alpha = -lr * coef  # a float, or a 0-dim tensor with tensor-scope clipping
         decay = 1 - lr * weight_decay if weight_decay else None
-        rows, ok = _rows_per_chunk(p), self._mask()
+        rows, ok = _rows_per_chunk(p), self._ok if self._guarded else None
         for pc, gc in zip(_chunks(p, rows), _chunks(g, rows)):
             _apply_(pc, gc, alpha, decay, ok, self.stochastic_rounding)
 
@@ -521,7 +514,7 @@ class AdaLomo(_FusedOptimizer):
         step = group["lr"] * (w_sq / numel).sqrt().clamp(min=eps2)
         factor = -coef * step / ((sum_u2 / numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
         decay = 1 - step * group["weight_decay"] if group["weight_decay"] else None
-        ok = self._mask()
+        ok = self._ok if self._guarded else None  # the flag that selects the update, if one is needed
         if p.dim() == 2:
             a, b = factor * (row_mean / row).sqrt(), col.rsqrt()[None, :]  # u * factor = (g * a_i) * b_j
             for gc, pc, ac in zip(g.split(chunk), p.split(chunk), a.split(chunk)):  # read 2 of g

@@ -375,7 +375,9 @@ def _sharded_worker(rank, world, opt_name, kw):
 def _sharded_configs(rank, world):
     # One set of processes for all configurations: starting them is the slow part.
     for opt_name, kw in [("adalomo", {}), ("adalomo", {"clip_grad_norm": 0.05, "weight_decay": 0.1}),
-                         ("lomo", {"clip_grad_norm": 0.05, "clip_grad_value": 0.02})]:
+                         ("lomo", {"clip_grad_norm": 0.05, "clip_grad_value": 0.02}),
+                         ("lomo", {"clip_grad_norm": 0.05, "clip_grad_norm_scope": "tensor"}),  # grouped clipping:
+                         ("adalomo", {"clip_grad_norm": 0.05, "clip_grad_norm_scope": "tensor"})]:  # whole tensors
         _sharded_worker(rank, world, opt_name, kw)
 
 
@@ -705,15 +707,6 @@ def test_stochastic_rounding_keeps_every_nan_a_nan():
 
 
 # ---- distributed: the same rule on every rank, empty shards, sync counts (issues 9.2, 9.3, 10.1, 12.2) ---------
-
-def _tensor_scope_configs(rank, world):
-    for opt_name in ("lomo", "adalomo"):
-        _sharded_worker(rank, world, opt_name, {"clip_grad_norm": 0.05, "clip_grad_norm_scope": "tensor"})
-
-
-def test_row_sharded_tensor_scope_clipping_equals_unsharded():
-    run_workers(_tensor_scope_configs)
-
 
 def test_fsdp2_with_empty_shards_equals_single_process():
     """3 ranks, a layer of 2 rows: FSDP2's chunking leaves rank 2 without rows (AdaLomo crashed there)."""
