@@ -4,6 +4,8 @@
 *.safetensors / pytorch_model*.bin) folders through memory mapping, one tensor (or a row slice) at a time,
 always under Meta's names and in Meta's layout. `MetaWriter` / `HFWriter` stream a model out one unit at a time,
 into a temporary folder renamed when complete. `load_model` / `save_model` do a whole model at once.
+
+What the formats are (config keys, tensor names, RoPE layout) is formats.py's; this file reads and writes them.
 """
 import dataclasses
 import json
@@ -16,75 +18,32 @@ from typing import Optional
 import torch
 from torch import nn
 
+from formats import (CheckpointError, check_shardable, hf_args, hf_config, hf_to_meta_name, meta_args,
+                     meta_params, meta_to_hf_name, permute_for_hf, rope_heads, split_dim, unpermute_from_hf)
 from model import ModelArgs, Transformer, param_shapes
 
 
-# Meta's model-parallel split (fairscale): ColumnParallelLinear splits dim 0, RowParallelLinear and
-# ParallelEmbedding split dim 1, norms are replicated.
-def _split_dim(name: str) -> Optional[int]:
-    if name == "output.weight" or name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
-        return 0
-    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return None
-
-
-_HF_LAYER_NAMES = {  # Meta name inside a block -> Hugging Face name
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_META_LAYER_NAMES = {hf: meta for meta, hf in _HF_LAYER_NAMES.items()}
-_META_TOP_NAMES = {hf: meta for meta, hf in _HF_TOP_NAMES.items()}
-
-
-def meta_to_hf_name(name: str) -> str:
-    if name in _HF_TOP_NAMES:
-        return _HF_TOP_NAMES[name]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-    return f"model.layers.{m[1]}.{_HF_LAYER_NAMES[m[2]]}.weight"
-
-
-def hf_to_meta_name(name: str) -> str:
-    """Unknown names come back unchanged, so that they are reported as unexpected keys."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-    if m and m[2] in _META_LAYER_NAMES:
-        return f"layers.{m[1]}.{_META_LAYER_NAMES[m[2]]}.weight"
-    return _META_TOP_NAMES.get(name, name)
-
-
-def _rope_heads(name: str, args: ModelArgs) -> Optional[int]:
-    """Heads of a weight whose rows HF permutes for its RoPE layout (wq: n_heads, wk: n_kv_heads), else None."""
-    if name.endswith("attention.wq.weight"):
-        return args.n_heads
-    return args.kv_heads if name.endswith("attention.wk.weight") else None
-
-
-def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's adjacent-pair RoPE layout -> HF's half-split layout, per head (HF convert_llama_weights_to_hf.py)."""
-    d1, d2 = w.shape
-    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
-
-
-def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    d1, d2 = w.shape
-    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
-
-
-def _check_shardable(args: ModelArgs, n: int, where: str) -> None:
-    for what, size in (("dim", args.dim), ("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads),
-                       ("FFN width", args.hidden_dim), ("vocab_size", args.vocab_size)):
-        if size % n:
-            raise ValueError(f"{where}: {n} model-parallel shards cannot split {what}={size} evenly")
-
+# ------------------------------------------------------------------------------------------- readers
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _open_weights(file: Path):
+    """A lazy handle on one weight file: safetensors' safe_open, or a memory-mapped torch.load dict."""
+    from safetensors import safe_open
+
+    try:
+        if file.suffix == ".safetensors":
+            return safe_open(file, framework="pt")
+        return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # safetensors: "incomplete metadata, file not fully covered"; torch: a zip error
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file}: cannot read this weight file ({first_line}); it is truncated, damaged or "
+                              f"not a weight file: copy or download it again") from None
 
 
 def _listed(names: list[str], limit: int = 12) -> str:
@@ -111,22 +70,36 @@ class CheckpointReader:
         missing = [n for n in expected if n not in names_in_files]
         unexpected = sorted(names_in_files - set(expected))
         if missing or unexpected:
-            raise ValueError(f"checkpoint {self.path} does not match its config: missing keys {_listed(missing)}, "
-                             f"unexpected keys {_listed(unexpected)}")
+            hint = "; if the output layer is the embedding, say tie_word_embeddings: true" \
+                if missing == ["output.weight"] else ""
+            raise CheckpointError(f"checkpoint {self.path} does not match its config: missing keys "
+                                  f"{_listed(missing)}, unexpected keys {_listed(unexpected)}{hint}")
         wrong = [f"{n}: {tuple(self.shape(n))} in {self.where(n)}, config says {tuple(s)}"
                  for n, s in expected.items() if self.shape(n) != s]
         if wrong:
-            raise ValueError(f"checkpoint {self.path}: tensor shapes do not match its config:\n  " + "\n  ".join(wrong[:12]))
+            raise CheckpointError(f"checkpoint {self.path}: tensor shapes do not match its config:\n  "
+                                  + "\n  ".join(wrong[:12]))
         self._names = list(expected)
 
+    def _equals_embedding(self, name: str) -> bool:
+        """Whether tensor `name` equals tok_embeddings.weight: compared a block of rows at a time, the first
+        row first, so that an untied model answers after reading one row."""
+        if self.shape(name) != self.shape("tok_embeddings.weight"):
+            return False
+        rows = self.shape(name)[0]
+        bounds = [0, 1, *range(4096, rows, 4096), rows]
+        return all(torch.equal(self.read(name, slice(a, b)), self.read("tok_embeddings.weight", slice(a, b)))
+                   for a, b in zip(bounds, bounds[1:]) if a < b)
+
     def names(self) -> list[str]:
-        """Meta key names, in model order (rope.freqs is left out)."""
+        """Meta key names, in model order (rope.freqs is left out; so is output.weight when tied)."""
         return list(self._names)
 
 
 class MetaReader(CheckpointReader):
-    """params.json + consolidated.00.pth .. consolidated.NN.pth (model-parallel shards, memory-mapped)."""
-    _IGNORED_PARAMS = ("max_batch_size",)
+    """params.json + consolidated.00.pth .. consolidated.NN.pth (model-parallel shards, memory-mapped).
+    Tied (the Llama 3.2 1B / 3B layout): output.weight absent, or equal to tok_embeddings.weight. Meta's own
+    code has no tying, so its files hold both."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -138,50 +111,41 @@ class MetaReader(CheckpointReader):
             raise FileNotFoundError(f"{self.path}: no consolidated.00.pth (Meta checkpoint shards) next to params.json")
         gaps = [f"consolidated.{i:02d}.pth" for i in range(max(numbered) + 1) if i not in numbered]
         if gaps:
-            raise ValueError(f"{self.path}: shard files {gaps} are missing (found {len(numbered)} shards)")
+            raise CheckpointError(f"{self.path}: shard files {gaps} are missing (found {len(numbered)} shards)")
         self.files = [numbered[i] for i in range(len(numbered))]
-        self._shards = [torch.load(f, mmap=True, weights_only=True, map_location="cpu") for f in self.files]
+        self._shards = [_open_weights(f) for f in self.files]
         for sd in self._shards:
             sd.pop("rope.freqs", None)
         first = self._shards[0]
         for f, sd in zip(self.files[1:], self._shards[1:]):
             if set(sd) != set(first):
-                raise ValueError(f"{f}: keys {sorted(set(sd) ^ set(first))} are not in both it and "
-                                 f"{self.files[0].name}")
+                raise CheckpointError(f"{f}: keys {sorted(set(sd) ^ set(first))} are not in both it and "
+                                      f"{self.files[0].name}")
             if bad := [n for n in sd if sd[n].shape != first[n].shape]:
-                raise ValueError(f"{f}: shapes of {bad} differ from those in {self.files[0].name}")
+                raise CheckpointError(f"{f}: shapes of {bad} differ from those in {self.files[0].name}")
         self.args = self._read_params()
-        self._validate(set(self._shards[0]))
+        tied = "output.weight" not in first or self._equals_embedding("output.weight")
+        self.args = dataclasses.replace(self.args, tie_embeddings=tied)
+        self._validate(set(first) - ({"output.weight"} if tied else set()))
 
     def _read_params(self) -> ModelArgs:
-        file = self.path / "params.json"
-        params = _read_json(file)
-        fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"ffn_hidden_dim"}
-        unknown = sorted(set(params) - fields - set(self._IGNORED_PARAMS))
-        if unknown:
-            raise ValueError(f"{file}: fields {unknown} would change the model and are not supported here; "
-                             f"known fields: {sorted(fields)}")
-        kwargs = {k: v for k, v in params.items() if k in fields and v is not None}
-        kwargs.setdefault("norm_eps", 1e-5)  # Meta's ModelArgs default when params.json leaves it out
-        first = self._shards[0]
+        file, first, n = self.path / "params.json", self._shards[0], len(self.files)
         if "tok_embeddings.weight" not in first:
-            raise ValueError(f"{self.files[0]}: no tok_embeddings.weight; is this a LLaMA checkpoint?")
+            raise CheckpointError(f"{self.files[0]}: no tok_embeddings.weight; is this a LLaMA checkpoint?")
         rows, cols = first["tok_embeddings.weight"].shape
-        if kwargs.get("vocab_size", -1) == -1:
-            kwargs["vocab_size"] = rows  # LLaMA 1 and 2 say -1: the tokenizer decides
-        elif kwargs["vocab_size"] != rows:
-            raise ValueError(f"{file}: vocab_size {kwargs['vocab_size']} but tok_embeddings.weight in "
-                             f"{self.files[0].name} has {rows} rows")
-        try:
-            args = ModelArgs(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{file}: {e}") from None
-        n = len(self.files)
-        if cols * n != args.dim:
-            raise ValueError(f"{self.path}: found {n} shard file(s), but params.json has dim {args.dim} and "
-                             f"{self.files[0].name} holds {cols} embedding columns, so {args.dim // cols} shards "
-                             f"are expected; copy all consolidated.NN.pth files")
-        _check_shardable(args, n, str(self.path))
+        params = _read_json(file)
+        # shards of the embedding: by columns (LLaMA 1/2), or by rows (Llama 3), which leaves every column whole
+        self._embedding_split = 0 if n > 1 and cols == params.get("dim") else 1
+        vocab = rows * n if self._embedding_split == 0 else rows
+        if params.get("vocab_size", -1) not in (-1, vocab):
+            raise CheckpointError(f"{file}: vocab_size {params['vocab_size']} but tok_embeddings.weight in "
+                                  f"{self.files[0].name} has {vocab} rows")
+        args = meta_args(params, file, vocab)
+        if self._embedding_split == 1 and cols * n != args.dim:
+            raise CheckpointError(f"{self.path}: found {n} shard file(s), but params.json has dim {args.dim} and "
+                                  f"{self.files[0].name} holds {cols} embedding columns, so {args.dim // cols} "
+                                  f"shards are expected; copy all consolidated.NN.pth files")
+        check_shardable(args, n, str(self.path))
         return args
 
     def where(self, name: str) -> str:
@@ -190,7 +154,7 @@ class MetaReader(CheckpointReader):
 
     def shape(self, name: str) -> torch.Size:
         shape = list(self._shards[0][name].shape)
-        if (dim := _split_dim(name)) is not None:
+        if (dim := split_dim(name, self._embedding_split)) is not None:
             shape[dim] *= len(self.files)
         return torch.Size(shape)
 
@@ -198,7 +162,7 @@ class MetaReader(CheckpointReader):
         """One tensor (or rows[rows] of it), merged from the shards; a fresh tensor, not a view of the file."""
         start, stop = _row_range(rows, self.shape(name)[0])
         parts = [sd[name] for sd in self._shards]
-        dim = _split_dim(name) if len(parts) > 1 else None
+        dim = split_dim(name, self._embedding_split) if len(parts) > 1 else None
         if dim == 0:  # shard i holds rows [i*n, (i+1)*n)
             n = parts[0].shape[0]
             return torch.cat([p[max(start - i * n, 0):max(stop - i * n, 0)] for i, p in enumerate(parts)])
@@ -208,51 +172,27 @@ class MetaReader(CheckpointReader):
 
 
 class HFReader(CheckpointReader):
-    """config.json + *.safetensors (lazy safe_open) or pytorch_model*.bin (torch.load mmap)."""
-    # config.json entries that would change the model, and the only value we implement
-    _MUST = {"model_type": "llama", "hidden_act": "silu", "tie_word_embeddings": False, "rope_scaling": None,
-             "attention_bias": False, "mlp_bias": False}
+    """config.json + *.safetensors (lazy safe_open) or pytorch_model*.bin (torch.load mmap). Tied
+    (tie_word_embeddings: true): no lm_head.weight, or one equal to the embedding."""
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        self.args = self._read_config()
+        self.args = hf_args(_read_json(self.path / "config.json"), self.path / "config.json")
         files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
         if not files:
             raise FileNotFoundError(f"{self.path}: config.json but no *.safetensors or pytorch_model*.bin weights")
         self._hf = {}  # Meta name -> (file, HF name, open handle)
         for f in files:
-            if f.suffix == ".safetensors":
-                handle = safe_open(f, framework="pt")
-            else:
-                handle = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+            handle = _open_weights(f)
             for hf_name in handle.keys():
                 if not hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved
                     self._hf[hf_to_meta_name(hf_name)] = (f, hf_name, handle)
+        if self.args.tie_embeddings and "output.weight" in self._hf:
+            if not self._equals_embedding("output.weight"):
+                raise CheckpointError(f"{self.path}: config.json says tie_word_embeddings: true, but lm_head.weight "
+                                      f"differs from model.embed_tokens.weight; set it to false to keep both")
+            del self._hf["output.weight"]
         self._validate(set(self._hf))
-
-    def _read_config(self) -> ModelArgs:
-        file = self.path / "config.json"
-        cfg = _read_json(file)
-        for key, value in self._MUST.items():
-            if key in cfg and cfg[key] != value:
-                raise ValueError(f"{file}: {key}={cfg[key]!r} changes the model and is not supported (need {value!r})")
-        try:
-            args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                             n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
-                             vocab_size=cfg["vocab_size"], ffn_hidden_dim=cfg["intermediate_size"],
-                             norm_eps=cfg["rms_norm_eps"], rope_theta=cfg.get("rope_theta", 10000.0),
-                             max_seq_len=cfg.get("max_position_embeddings", 2048))
-        except KeyError as e:
-            raise ValueError(f"{file}: missing field {e.args[0]!r}") from None
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
-        if cfg.get("head_dim", args.head_dim) != args.head_dim:
-            raise ValueError(f"{file}: head_dim={cfg['head_dim']} is not hidden_size / num_attention_heads")
-        if args.ffn_hidden_dim == dataclasses.replace(args, ffn_hidden_dim=None).hidden_dim:
-            args = dataclasses.replace(args, ffn_hidden_dim=None)  # Meta's rule gives it: no override needed
-        return args
 
     def where(self, name: str) -> str:
         return str(self._hf[name][0])
@@ -272,7 +212,7 @@ class HFReader(CheckpointReader):
     def read(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
         """One tensor (or rows[rows] of it) in Meta's layout: wq / wk are un-permuted head by head."""
         start, stop = _row_range(rows, self.shape(name)[0])
-        if _rope_heads(name, self.args) is None or start == stop:
+        if rope_heads(name, self.args) is None or start == stop:
             return self._read_rows(name, start, stop)
         hd = self.args.head_dim  # HF permutes within a head: read whole heads, un-permute, cut
         first, last = start // hd, -(-stop // hd)
@@ -300,9 +240,9 @@ def load_model(path, dtype=torch.float32, device="cpu", checkpointing: bool = Fa
     vocab_size: the tokenizer's n_words; it must equal the embedding's rows."""
     reader = open_checkpoint(path)
     if vocab_size is not None and vocab_size != reader.args.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's embedding "
-                         f"({reader.where('tok_embeddings.weight')}) has {reader.args.vocab_size} rows: "
-                         f"use the tokenizer that came with this checkpoint")
+        raise CheckpointError(f"the tokenizer has {vocab_size} tokens but the checkpoint's embedding "
+                              f"({reader.where('tok_embeddings.weight')}) has {reader.args.vocab_size} rows: "
+                              f"use the tokenizer that came with this checkpoint")
     with torch.device("meta"):
         model = Transformer(reader.args, checkpointing)
     for name in reader.names():
@@ -371,19 +311,23 @@ class _Writer:
 
 
 class MetaWriter(_Writer):
-    """Meta's format: params.json + consolidated.NN.pth, split into n_shards as Meta's model-parallel code expects.
-    Each unit goes to a temporary file; close() memory-maps them into the consolidated files."""
+    """Meta's format: params.json + consolidated.NN.pth, split into n_shards as LLaMA 1/2's model-parallel code
+    expects (the embedding by columns). Each unit goes to a temporary file; close() memory-maps them into the
+    consolidated files. A tied model is written as Meta's Llama 3.2 files are: output.weight holds a copy of the
+    embedding, since Meta's code loads it (strictly) into an output layer of its own."""
 
     def __init__(self, out_dir, args: ModelArgs, n_shards: int = 1):
-        _check_shardable(args, n_shards, f"MetaWriter({out_dir})")
-        self.n_shards = n_shards
+        check_shardable(args, n_shards, f"MetaWriter({out_dir})")
+        self.n_shards, self.params = n_shards, meta_params(args)
         super().__init__(out_dir, args)
 
     def _write_unit(self, tensors):
+        if self.args.tie_embeddings and "tok_embeddings.weight" in tensors:
+            tensors = {**tensors, "output.weight": tensors["tok_embeddings.weight"]}
         for k in range(self.n_shards):
             shard = {}
             for name, t in tensors.items():
-                dim = _split_dim(name)
+                dim = split_dim(name)
                 shard[name] = t if dim is None or self.n_shards == 1 else _owned_cpu(t.chunk(self.n_shards, dim)[k])
             torch.save(shard, self.tmp / f"unit{self._units:05d}.{k:02d}.pth")
 
@@ -397,31 +341,12 @@ class MetaWriter(_Writer):
             del merged
             for part in parts:
                 part.unlink()
-        (self.tmp / "params.json").write_text(json.dumps(meta_params(self.args), indent=2) + "\n")
-
-
-def meta_params(args: ModelArgs) -> dict:
-    """params.json content that Meta's reference ModelArgs(**params) accepts: optional fields only when used."""
-    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
-                  multiple_of=args.multiple_of, norm_eps=args.norm_eps)
-    if args.n_kv_heads is not None:
-        params["n_kv_heads"] = args.n_kv_heads
-    if args.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
-    if args.rope_theta != 10000.0:
-        params["rope_theta"] = args.rope_theta
-    if args.hidden_dim != dataclasses.replace(args, ffn_hidden_dim=None).hidden_dim:
-        # params.json has no FFN width field, but Meta's rule rounds any width in (0, w] up to multiple_of=w
-        base = int(2 * 4 * args.dim / 3)
-        params["multiple_of"] = args.hidden_dim
-        params.pop("ffn_dim_multiplier", None)
-        if base > args.hidden_dim:
-            params["ffn_dim_multiplier"] = args.hidden_dim / base
-    return params
+        (self.tmp / "params.json").write_text(json.dumps(self.params, indent=2) + "\n")
 
 
 class HFWriter(_Writer):
-    """Hugging Face LlamaForCausalLM format: one safetensors file per unit, index and config.json at close()."""
+    """Hugging Face LlamaForCausalLM format: one safetensors file per unit, index and config.json at close().
+    A tied model has no lm_head.weight, as transformers saves it."""
 
     def __init__(self, out_dir, args: ModelArgs):
         super().__init__(out_dir, args)
@@ -432,7 +357,7 @@ class HFWriter(_Writer):
 
         hf = {}
         for name, t in tensors.items():
-            n_heads = _rope_heads(name, self.args)
+            n_heads = rope_heads(name, self.args)
             hf[meta_to_hf_name(name)] = t if n_heads is None else permute_for_hf(t, n_heads).contiguous()
             self._total_size += t.nbytes
             self._dtype = self._dtype or t.dtype
@@ -443,17 +368,8 @@ class HFWriter(_Writer):
     def _finish(self):
         index = {"metadata": {"total_size": self._total_size}, "weight_map": self._weight_map}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (self.tmp / "config.json").write_text(json.dumps(hf_config(self.args, self._dtype), indent=2) + "\n")
-
-
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-            "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-            "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
-            "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-            "max_position_embeddings": args.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": False,
-            "rope_scaling": None, "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": str(dtype).removeprefix("torch.")}
+        config = hf_config(self.args, str(self._dtype).removeprefix("torch."))
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_model(model: Transformer, out_dir, format: str = "meta", n_shards: int = 1) -> None:
@@ -468,4 +384,4 @@ def save_model(model: Transformer, out_dir, format: str = "meta", n_shards: int 
         writer.write({"tok_embeddings.weight": model.tok_embeddings.weight})
         for i, layer in enumerate(model.layers):
             writer.write({f"layers.{i}.{name}": t for name, t in layer.state_dict().items()})
-        writer.write({"norm.weight": model.norm.weight, "output.weight": model.output.weight})
+        writer.write({n: p for n, p in model.named_parameters() if not n.startswith(("layers.", "tok_embeddings."))})

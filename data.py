@@ -1,4 +1,5 @@
-"""Data for LOMO / AdaLomo fine-tuning: the LLaMA tokenizer, SuperGLUE prompts, candidate scoring, metrics.
+"""Data for LOMO / AdaLomo fine-tuning: examples as a prompt plus candidate answers, their encoding, batching and
+scoring, and the synthetic demo task.
 
 Every example is a prompt plus candidate answers, as in the paper's SuperGLUE experiments (arXiv 2306.09782;
 templates from OpenLMLab/LOMO src/mydatasets.py). Training teaches prompt + gold answer + EOS; evaluation picks
@@ -6,93 +7,27 @@ the candidate whose tokens and the EOS after them have the highest summed log-li
 """
 import collections
 import json
+import math
 import os
 import random
-import re
-import string
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
+from tokenizer import Tokenizer
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
-
-
-# ----------------------------------------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """A sentencepiece model, e.g. LLaMA's tokenizer.model (32,000 pieces, bos=1, eos=2, no pad).
-
-    Padding strategy: LLaMA has no pad piece, so pad_id is the model's own pad id when it has one and otherwise
-    its <unk> id (0 for LLaMA). Batches are padded on the right and pads always get label -100, so a pad is never
-    a target and, the model being causal, no real token ever attends to one.
-    """
-
-    def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {model_path} "
-                                    "(expected a sentencepiece .model file such as LLaMA's tokenizer.model)")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(model_path)
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{model_path} is not a sentencepiece model ({e}); "
-                             "pass LLaMA's tokenizer.model or one made by train_tokenizer()") from None
-        self.n_words = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_path} defines no BOS or EOS piece; both are needed")
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
-
-
-def train_tokenizer(texts: list[str], model_prefix: str, vocab_size: int) -> str:
-    """Train a small BPE sentencepiece model laid out like LLaMA's (unk=0, bos=1, eos=2, no pad, digits split,
-    byte fallback so any text encodes). Writes `<model_prefix>.model` atomically and returns its path.
-    Byte fallback needs vocab_size >= 259 + the number of distinct characters in `texts`."""
-    path = model_prefix + ".model"
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts), model_prefix=os.path.join(tmp, "spm"), vocab_size=vocab_size,
-                model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
-        except RuntimeError as e:
-            raise ValueError(f"sentencepiece could not train {path} with vocab_size={vocab_size}: {e}") from None
-        os.replace(os.path.join(tmp, "spm.model"), path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------- SuperGLUE files
-
-TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
-TASK_DIRS = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD",
-             "rte": "RTE", "wic": "WiC", "wsc": "WSC"}
-SPLITS = ("train", "val", "test")
 YES_NO = ["No", "Yes"]
-BOOL_LABELS = {False: 0, True: 1, "false": 0, "true": 1}  # official files use JSON booleans; some copies strings
-# Candidate index -> the label the SuperGLUE grader expects (as in nyu-mll/jiant's super_glue_format_preds).
-SUBMISSION_LABELS = {"boolq": ["false", "true"], "cb": ["entailment", "contradiction", "neutral"],
-                     "copa": [0, 1], "multirc": [0, 1], "rte": ["entailment", "not_entailment"],
-                     "wic": ["false", "true"], "wsc": ["False", "True"]}
 
 
 @dataclass
 class Example:
     """One prompt with its candidate answers. prompt = before + passage + after; only `passage` is ever cut."""
     task: str
-    idx: object               # official idx: int; MultiRC {paragraph, question, answer}; ReCoRD {passage, query}
+    idx: object               # official idx: int (AX-b: str); MultiRC {paragraph, question, answer}; ReCoRD
+                              # {passage, query}; jsonl "<file>, line <n>"
     before: str
     passage: str
     after: str
@@ -111,152 +46,90 @@ class Example:
         return self.before + self.passage + self.after
 
 
-def check_task(task: str) -> str:
-    """Lower-cased task name; ValueError listing the valid names otherwise."""
-    name = str(task).lower()
-    if name not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    return name
+# ------------------------------------------------------------------------------------------- reading files
 
-
-def _get(record: dict, key: str, where: str):
-    if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return record[key]
-
-
-def _label(value, mapping: dict, where: str) -> int:
-    try:
-        return mapping[value.lower() if isinstance(value, str) else value]
-    except (KeyError, TypeError):
-        raise ValueError(f"{where}: label {value!r} out of range; expected one of {list(mapping)}") from None
-
-
-def _gold(record, mapping, where, labelled):
-    return _label(_get(record, "label", where), mapping, where) if labelled else None
-
-
-def _parse_boolq(r, where, labelled):
-    yield Example("boolq", _get(r, "idx", where), "", _get(r, "passage", where),
-                  f" {_get(r, 'question', where)}\nAnswer: ", YES_NO, _gold(r, BOOL_LABELS, where, labelled))
-
-
-def _parse_cb(r, where, labelled):
-    labels = {"entailment": 0, "contradiction": 1, "neutral": 2}
-    after = f" Can we infer that \"{_get(r, 'hypothesis', where)}\"? Yes, No, or Maybe?\nAnswer: "
-    yield Example("cb", _get(r, "idx", where), "Suppose ", _get(r, "premise", where), after,
-                  ["Yes", "No", "Maybe"], _gold(r, labels, where, labelled))
-
-
-def _parse_copa(r, where, labelled):
-    connective = {"cause": " because ", "effect": " so "}
-    question = _get(r, "question", where)
-    if question not in connective:
-        raise ValueError(f"{where}: field 'question' is {question!r}; expected 'cause' or 'effect'")
-    yield Example("copa", _get(r, "idx", where), "", _get(r, "premise", where), connective[question],
-                  [_get(r, "choice1", where), _get(r, "choice2", where)], _gold(r, {0: 0, 1: 1}, where, labelled))
-
-
-def _parse_multirc(r, where, labelled):
-    """One yes/no example per answer of every question (the passage nests questions, which nest answers)."""
-    p_idx, passage = _get(r, "idx", where), _get(r, "passage", where)
-    paragraph = _get(passage, "text", f"{where}, passage")
-    for qi, q in enumerate(_get(passage, "questions", f"{where}, passage")):
-        q_where = f"{where}, passage.questions[{qi}]"
-        q_idx, question = _get(q, "idx", q_where), _get(q, "question", q_where)
-        for ai, a in enumerate(_get(q, "answers", q_where)):
-            a_where = f"{q_where}.answers[{ai}]"
-            after = (f"\nQuestion: {question}\nI found this answer \"{_get(a, 'text', a_where)}\". "
-                     "Is that correct? Yes or No?\nAnswer: ")
-            idx = {"paragraph": p_idx, "question": q_idx, "answer": _get(a, "idx", a_where)}
-            yield Example("multirc", idx, "", paragraph, after, YES_NO,
-                          _gold(a, {0: 0, 1: 1}, a_where, labelled), group=(p_idx, q_idx))
-
-
-def _parse_record(r, where, labelled):
-    """One example per query. Entity/answer `end` offsets are inclusive. Candidates are the distinct entity
-    strings in passage order; as in the paper's code, gold answers other than the first are dropped from them,
-    so exactly one candidate is gold, while `answers` keeps every gold string for the metric."""
-    passage = _get(r, "passage", where)
-    text = _get(passage, "text", f"{where}, passage")
-
-    def span(e, w):
-        start, end = _get(e, "start", w), _get(e, "end", w)
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(text)):
-            raise ValueError(f"{w}: span [{start}, {end}] (inclusive) is outside the passage of {len(text)} characters")
-        return start, text[start:end + 1]
-
-    spans = [span(e, f"{where}, passage.entities[{i}]")
-             for i, e in enumerate(_get(passage, "entities", f"{where}, passage"))]
-    shown = text.replace("@highlight\n", "- ")
-    for qi, q in enumerate(_get(r, "qas", where)):
-        q_where = f"{where}, qas[{qi}]"
-        q_idx, query = _get(q, "idx", q_where), _get(q, "query", q_where)
-        answers, gold_span = [], []
-        if labelled:
-            gold = _get(q, "answers", q_where)
-            if not gold:
-                raise ValueError(f"{q_where}: field 'answers' is empty")
-            answers = list(dict.fromkeys(_get(a, "text", f"{q_where}.answers[{i}]") for i, a in enumerate(gold)))
-            # the first gold is a candidate even if no entity spells it the same way
-            gold_span = [(span(gold[0], f"{q_where}.answers[0]")[0], answers[0])]
-        drop = set(answers[1:])
-        candidates = [t for t in dict.fromkeys(t for _, t in sorted(spans + gold_span)) if t not in drop]
-        if not candidates:
-            raise ValueError(f"{where}: field 'passage.entities' is empty, so query {q_idx} has no candidates")
-        after = f"\n{query}\nQuestion: What is the \"@placeholder\"?\nAnswer: "
-        yield Example("record", {"passage": _get(r, "idx", where), "query": q_idx}, "", shown, after, candidates,
-                      candidates.index(answers[0]) if labelled else None, group=q_idx, answers=answers)
-
-
-def _parse_rte(r, where, labelled):
-    after = f"\nDoes this mean that \"{_get(r, 'hypothesis', where)}\" is true? Yes or No?\nAnswer: "
-    yield Example("rte", _get(r, "idx", where), "", _get(r, "premise", where), after, ["Yes", "No"],
-                  _gold(r, {"entailment": 0, "not_entailment": 1}, where, labelled))
-
-
-def _parse_wic(r, where, labelled):  # no passage: nothing in a WiC prompt may be cut
-    before = (f"Does the word \"{_get(r, 'word', where)}\" have the same meaning in these two sentences? Yes, No?\n"
-              f"{_get(r, 'sentence1', where)}\n{_get(r, 'sentence2', where)}\nAnswer: ")
-    yield Example("wic", _get(r, "idx", where), before, "", "", YES_NO, _gold(r, BOOL_LABELS, where, labelled))
-
-
-def _parse_wsc(r, where, labelled):  # the paper's code misspells "pronoun" as "pronuon"; we do not
-    target = _get(r, "target", where)
-    after = (f"\nIn the previous sentence, does the pronoun \"{_get(target, 'span2_text', where + ', target')}\" "
-             f"refer to \"{_get(target, 'span1_text', where + ', target')}\"? Yes or No?\nAnswer: ")
-    yield Example("wsc", _get(r, "idx", where), "", _get(r, "text", where), after, YES_NO,
-                  _gold(r, BOOL_LABELS, where, labelled))
-
-
-PARSERS = {"boolq": _parse_boolq, "cb": _parse_cb, "copa": _parse_copa, "multirc": _parse_multirc,
-           "record": _parse_record, "rte": _parse_rte, "wic": _parse_wic, "wsc": _parse_wsc}
-
-
-def load_task(task: str, data_dir: str, split: str) -> list[Example]:
-    """Read <data_dir>/<Task>/<split>.jsonl of the official SuperGLUE v2 release. Fields are read by name;
-    the test split has no labels, so its examples get gold=None."""
-    task = check_task(task)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    path = os.path.join(data_dir, TASK_DIRS[task], f"{split}.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SuperGLUE file not found: {path} (expected the official layout "
-                                f"<data_dir>/{TASK_DIRS[task]}/{{train,val,test}}.jsonl)")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def read_jsonl(path: str):
+    """(line number, record) for every non-blank line of a JSON-lines file (a UTF-8 byte-order mark is allowed).
+    Invalid UTF-8 or JSON is a ValueError that names the file and line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
             where = f"{path}, line {line_no}"
             try:
-                record = json.loads(line)
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-            examples.extend(PARSERS[task](record, where, labelled=split != "test"))
+
+
+def text_field(record: dict, key: str, where: str) -> str:
+    """record[key], which must be text; ValueError naming the place and the field otherwise."""
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"{where}: missing field {key!r}")
+    return check_text(record[key], f"field {key!r}", where)
+
+
+def check_text(text, what: str, where: str) -> str:
+    """`text` if it is a string that encodes as UTF-8, i.e. holds no lone surrogate (an unpaired \\ud83d escape)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {what} is {json.dumps(text)}; it must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: {what} holds a lone surrogate {text[e.start]!r} at character {e.start + 1} "
+                         "(half of a \\uXXXX pair); fix that escape") from None
+    return text
+
+
+# -------------------------------------------------------------------------------------------- your own data
+
+def load_jsonl(path: str) -> list[Example]:
+    """Your own data (--task jsonl): one JSON object per line, either
+        {"prompt": "...", "completion": "..."}                       train on the completion
+        {"prompt": "...", "candidates": ["...", "..."], "label": i}  train on candidates[i]; scored by accuracy too
+    Other keys are ignored. Nothing is added between prompt and answer, and the prompt is never cut."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --task jsonl needs train.jsonl and val.jsonl in --data-dir")
+    examples = []
+    for line_no, row in read_jsonl(path):
+        where = f"{path}, line {line_no}"
+        if not isinstance(row, dict) or ("completion" in row) == ("candidates" in row):
+            raise ValueError(f"{where}: expected an object with \"prompt\" and either \"completion\", or "
+                             "\"candidates\" and \"label\"")
+        prompt = text_field(row, "prompt", where)
+        if "completion" in row:
+            candidates, gold = [text_field(row, "completion", where)], 0
+        else:
+            candidates, gold = row["candidates"], row.get("label")
+            if not isinstance(candidates, list) or len(candidates) < 2:
+                raise ValueError(f"{where}: field 'candidates' must be a list of at least 2 texts")
+            candidates = [check_text(c, f"candidates[{i}]", where) for i, c in enumerate(candidates)]
+            if type(gold) is not int or not 0 <= gold < len(candidates):
+                raise ValueError(f"{where}: field 'label' is {json.dumps(gold)}; it must be the index of the right "
+                                 f"candidate, 0 to {len(candidates) - 1}")
+        examples.append(Example("jsonl", where, prompt, "", "", candidates, gold))
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
+
+
+def answer_metrics(tok: Tokenizer, examples: list[Example], scores: list[list[float]],
+                   max_len: int) -> dict[str, float]:
+    """Mean negative log-likelihood per target token of the gold answers ('nll': the completion's tokens and the
+    EOS after it, the tokens trained on) and its exp ('perplexity'); plus 'accuracy' by candidate scoring over the
+    examples that have candidates to choose from."""
+    n_tokens = sum(sum(lab != IGNORE_INDEX for lab in encode_train(tok, ex, max_len)[1][1:]) for ex in examples)
+    nll = -sum(s[ex.gold] for ex, s in zip(examples, scores)) / n_tokens
+    metrics = {"nll": nll, "perplexity": math.exp(nll) if nll < 700 else math.inf}
+    choices = [(ex.gold, pred) for ex, pred in zip(examples, predict(examples, scores)) if len(ex.candidates) > 1]
+    if choices:
+        metrics["accuracy"] = sum(gold == pred for gold, pred in choices) / len(choices)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ synthetic task
@@ -305,8 +178,9 @@ def fit_prompt(tok: Tokenizer, ex: Example, max_len: int) -> str:
     if fits(ex.prompt):
         return ex.prompt
     if not fits(cut(0)):
-        raise ValueError(f"{ex.task} example {ex.idx}: even with the passage removed, the prompt and its longest "
-                         f"answer do not fit in max_len={max_len} tokens; raise max_len")
+        removed = "even with the passage removed, " if ex.passage else ""
+        raise ValueError(f"{ex.task} example {ex.idx}: {removed}the prompt and its longest answer do not fit in "
+                         f"max_len={max_len} tokens; raise max_len (--max-len)")
     # Binary search for the most passage characters that fit with the longest answer; `lo` always fits.
     longest = [max(ex.candidates, key=lambda c: len(tok.encode(c, bos=False, eos=False)))]
     lo, hi = 0, len(ex.passage)
@@ -318,29 +192,40 @@ def fit_prompt(tok: Tokenizer, ex: Example, max_len: int) -> str:
     return cut(lo)
 
 
-def _encode_answer(tok: Tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """BOS + prompt + answer + EOS, encoded jointly. The answer's tokens are those after the longest common
-    prefix with the prompt's own encoding: LLaMA encodes "Answer: " as [..., ':', '▁'] but "Answer: Yes" as
-    [..., ':', '▁Yes'], so the lone '▁' merges into the answer's first token."""
-    prompt_ids = tok.encode(prompt, bos=True, eos=False)
-    ids = tok.encode(prompt + answer, bos=True, eos=True)
+def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    while n < min(len(prompt_ids), len(ids) - 1) and prompt_ids[n] == ids[n]:
+    while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
-    return ids, [IGNORE_INDEX] * n + ids[n:]
+    return n
+
+
+def _encode_answers(tok: Tokenizer, prompt: str, answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of BOS + prompt + answer + EOS for every answer, each encoded jointly; labels are -100 on a
+    prefix that all answers share with the prompt's own encoding, and the tokens after it are the targets.
+
+    The prompt's last token may merge with an answer: LLaMA encodes "Answer: " as [..., ':', '▁'] and
+    "Answer: Yes" as [..., ':', '▁Yes'], while "Answer: 3-D" keeps the lone '▁' ([..., ':', '▁', '3', ...]). The
+    scored part starts at the same token for every answer, here after ':', so that the scores of an example are
+    probabilities of the same event ("3-D" pays for its '▁' too). That is the official rule, labels[:len(source)
+    - 1] masked (OpenLMLab/LOMO src/mydatasets.py _tokenize_fn), wherever an answer absorbs the prompt's last
+    token; and a lone answer (a completion) is scored from its first token that differs from the prompt's."""
+    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+    seqs = [tok.encode(prompt + answer, bos=True, eos=True) for answer in answers]
+    n = min(min(_common_prefix(prompt_ids, ids), len(ids) - 1) for ids in seqs)
+    return [(ids, [IGNORE_INDEX] * n + ids[n:]) for ids in seqs]
 
 
 def encode_train(tok: Tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(ids, labels) of prompt + gold answer + EOS; labels are -100 except on the answer tokens and EOS."""
+    """(ids, labels) of prompt + gold answer + EOS, exactly as encode_candidates() scores the gold answer."""
     if ex.gold is None:
         raise ValueError(f"{ex.task} example {ex.idx} has no label (test split?); it cannot be trained on")
-    return _encode_answer(tok, fit_prompt(tok, ex, max_len), ex.candidates[ex.gold])
+    return encode_candidates(tok, ex, max_len)[ex.gold]
 
 
 def encode_candidates(tok: Tokenizer, ex: Example, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """One (ids, labels) per candidate, all sharing the same (possibly cut) prompt; masking as encode_train."""
-    prompt = fit_prompt(tok, ex, max_len)
-    return [_encode_answer(tok, prompt, c) for c in ex.candidates]
+    """One (ids, labels) per candidate, all sharing the same (possibly cut) prompt and the same unscored prefix;
+    labels are -100 except on the answer tokens (from the prompt's last token on, see _encode_answers) and EOS."""
+    return _encode_answers(tok, fit_prompt(tok, ex, max_len), ex.candidates)
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,9 +291,22 @@ def predict(examples: list[Example], scores: list[list[float]]) -> list[int]:
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
 
-def sample_examples(examples: list[Example], n: int, seed: int) -> list[Example]:
-    """About n examples drawn with a fixed seed, taking whole groups (a MultiRC question with all its answers,
-    a ReCoRD query), so the last group taken may overshoot n. n >= len(examples) returns all. Order is kept."""
+# ------------------------------------------------------------------------------------------------ sampling
+
+def paper_subset(examples: list[Example], n: int) -> list[Example]:
+    """The paper's subset (OpenLMLab/LOMO src/mydatasets.py): n rows drawn by random.sample after random.seed(0),
+    whatever the training seed, in the order drawn; all rows when there are no more than n. A row is an example:
+    a MultiRC answer, a ReCoRD query, as in Hugging Face's super_glue, from which the paper's code samples."""
+    if n < 1:
+        raise ValueError(f"cannot sample n={n} examples; n must be at least 1")
+    if n >= len(examples):
+        return list(examples)
+    return [examples[i] for i in random.Random(0).sample(range(len(examples)), n)]
+
+
+def group_subset(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """About n examples drawn with `seed`, taking whole groups (a MultiRC question with all its answers), so that
+    per-question exact match means what it says; the last group taken may overshoot n. Order is kept."""
     if n < 1:
         raise ValueError(f"cannot sample n={n} examples; n must be at least 1")
     if n >= len(examples):
@@ -426,6 +324,8 @@ def sample_examples(examples: list[Example], n: int, seed: int) -> list[Example]
     return [examples[i] for i in sorted(chosen)]
 
 
+# ------------------------------------------------------------------------------------------------ batching
+
 def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
     """This rank's share of every global batch of one epoch. Indices 0..n-1 are shuffled deterministically by
     (seed, epoch) and cut into global batches of batch_size * world_size; rank r takes every world_size-th index
@@ -438,101 +338,3 @@ def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int
     random.Random(f"{seed}:{epoch}").shuffle(order)
     step = batch_size * world_size
     return [order[start:start + step][rank::world_size] for start in range(0, n, step)]
-
-
-# ------------------------------------------------------------------------------------------------- metrics
-
-def accuracy(golds: list, preds: list) -> float:
-    return sum(g == p for g, p in zip(golds, preds)) / len(golds)
-
-
-def f1_for_class(golds: list, preds: list, cls) -> float:
-    """F1 = 2 TP / (2 TP + FP + FN) of one class (0 when the class never occurs)."""
-    tp = sum(g == cls and p == cls for g, p in zip(golds, preds))
-    wrong = sum((g == cls) != (p == cls) for g, p in zip(golds, preds))  # FP + FN
-    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
-
-
-def macro_f1(golds: list, preds: list) -> float:
-    """Mean per-class F1 over the classes seen in golds or preds (as sklearn's average='macro')."""
-    classes = sorted(set(golds) | set(preds))
-    return sum(f1_for_class(golds, preds, c) for c in classes) / len(classes)
-
-
-def group_exact_match(groups: list, golds: list, preds: list) -> float:
-    """Fraction of groups (MultiRC questions) whose every answer is predicted right."""
-    correct = {}
-    for group, g, p in zip(groups, golds, preds):
-        correct[group] = correct.get(group, True) and g == p
-    return sum(correct.values()) / len(correct)
-
-
-PUNCTUATION = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD / ReCoRD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def compute_metrics(task: str, examples: list[Example], predictions: list[int]) -> dict[str, float]:
-    """accuracy for every task; CB adds macro-F1 ('f1'); MultiRC adds F1 over all answers ('f1a') and exact
-    match per question ('em'); ReCoRD adds token F1 ('f1') and exact match ('em'), each the max over golds."""
-    task = "synthetic" if str(task).lower() == "synthetic" else check_task(task)
-    if len(examples) != len(predictions) or not examples:
-        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
-    if any(ex.gold is None for ex in examples):
-        raise ValueError(f"{task}: some examples have no label (test split?); metrics need labelled examples")
-    golds = [ex.gold for ex in examples]
-    metrics = {"accuracy": accuracy(golds, predictions)}
-    if task == "cb":
-        metrics["f1"] = macro_f1(golds, predictions)
-    elif task == "multirc":
-        metrics["f1a"] = f1_for_class(golds, predictions, 1)
-        metrics["em"] = group_exact_match([ex.group for ex in examples], golds, predictions)
-    elif task == "record":
-        texts = [ex.candidates[p] for ex, p in zip(examples, predictions)]
-        metrics["f1"] = sum(max(token_f1(t, a) for a in ex.answers) for ex, t in zip(examples, texts)) / len(texts)
-        metrics["em"] = sum(max(normalize_answer(t) == normalize_answer(a) for a in ex.answers)
-                            for ex, t in zip(examples, texts)) / len(texts)
-    return metrics
-
-
-def write_predictions(task: str, examples: list[Example], predictions: list[int], out_dir: str) -> str:
-    """Write <out_dir>/<Task>.jsonl in the SuperGLUE submission format ({"idx", "label"} per line, labels in
-    the task's own vocabulary; MultiRC nests answers in questions in passages). Atomic: temp file, then rename."""
-    task = check_task(task)
-    if len(examples) != len(predictions):
-        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
-    if task == "record":
-        rows = [{"idx": ex.idx["query"], "label": ex.candidates[p]} for ex, p in zip(examples, predictions)]
-    elif task == "multirc":
-        passages = collections.defaultdict(lambda: collections.defaultdict(list))
-        for ex, p in zip(examples, predictions):
-            passages[ex.idx["paragraph"]][ex.idx["question"]].append({"idx": ex.idx["answer"], "label": int(p)})
-        rows = [{"idx": p_idx, "passage": {"questions": [{"idx": q_idx, "answers": answers}
-                                                         for q_idx, answers in questions.items()]}}
-                for p_idx, questions in passages.items()]
-    else:
-        rows = [{"idx": ex.idx, "label": SUBMISSION_LABELS[task][p]} for ex, p in zip(examples, predictions)]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{TASK_DIRS[task]}.jsonl")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TASK_DIRS[task]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path

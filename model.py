@@ -1,4 +1,5 @@
-"""LLaMA (Touvron et al. 2023, arXiv 2302.13971) and Llama 2 (arXiv 2307.09288) in plain PyTorch.
+"""LLaMA (Touvron et al. 2023, arXiv 2302.13971), Llama 2 (arXiv 2307.09288) and Llama 3 (arXiv 2407.21783) in
+plain PyTorch.
 
 Written from scratch in the layout of Meta's reference model.py, so that `state_dict()` keys are exactly
 Meta's checkpoint keys. The model holds parameters only (no buffers: the rotary table is computed in
@@ -6,6 +7,7 @@ forward), so it can be built on the 'meta' device and filled tensor by tensor, o
 
 Reading and writing checkpoints (Meta's and Hugging Face's formats) is checkpoint.py's job.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,31 +17,41 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE scaling for long contexts ("rope_type": "llama3" in Hugging Face configs; see llama3_scaled)."""
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # the context length of pre-training before the extension
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # < n_heads: grouped-query attention (Llama 2 70B)
+    n_kv_heads: Optional[int] = None  # < n_heads: grouped-query attention (Llama 2 70B, Llama 3)
     vocab_size: int = 32000
     multiple_of: int = 256  # FFN width is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1 and later
     max_seq_len: int = 2048
-    # Explicit FFN width, overriding Meta's rule. Set when a Hugging Face config.json has an
-    # intermediate_size that Meta's rule (multiple_of=256, no multiplier) does not give.
-    ffn_hidden_dim: Optional[int] = None
+    tie_embeddings: bool = False  # the output head is the embedding matrix (Llama 3.2 1B / 3B)
+    ffn_hidden_dim: Optional[int] = None  # explicit FFN width: a config.json's that Meta's rule does not give
+    explicit_head_dim: Optional[int] = None  # explicit head width: a config.json's that is not dim / n_heads
 
     def __post_init__(self):
-        if self.dim % self.n_heads or self.head_dim % 2:
+        if (self.explicit_head_dim is None and self.dim % self.n_heads) or self.head_dim % 2:
             raise ValueError(f"ModelArgs: dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"ModelArgs: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -55,6 +67,14 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def architecture(self) -> dict:
+        """Everything that decides what the model computes, widths resolved: equal for two ModelArgs that build the
+        same model however its FFN width is spelled (max_seq_len, only a limit, is left out)."""
+        return dict(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, kv_heads=self.kv_heads,
+                    head_dim=self.head_dim, hidden_dim=self.hidden_dim, vocab_size=self.vocab_size,
+                    norm_eps=self.norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                    tie_embeddings=self.tie_embeddings)
+
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name.lower() not in _PRESETS:
@@ -62,7 +82,10 @@ class ModelArgs:
         return cls(**_PRESETS[name.lower()])
 
 
-_PRESETS = {
+_LLAMA3 = dict(n_kv_heads=8, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192)
+_LLAMA3_1 = dict(_LLAMA3, max_seq_len=131072, rope_scaling=RopeScaling(factor=8.0))
+_LLAMA3_2 = dict(_LLAMA3, max_seq_len=131072, rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True)
+_PRESETS = {  # Meta's params.json of each release (FFN widths by Meta's rule), plus the context length
     "7b": dict(dim=4096, n_layers=32, n_heads=32),
     "13b": dict(dim=5120, n_layers=40, n_heads=40),
     "30b": dict(dim=6656, n_layers=60, n_heads=52),
@@ -71,6 +94,12 @@ _PRESETS = {
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
     "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
                        multiple_of=4096, norm_eps=1e-5, max_seq_len=4096),
+    "llama3-8b": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024),
+    "llama3-70b": dict(_LLAMA3, dim=8192, n_layers=80, n_heads=64, ffn_dim_multiplier=1.3, multiple_of=4096),
+    "llama3.1-8b": dict(_LLAMA3_1, dim=4096, n_layers=32, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024),
+    "llama3.1-70b": dict(_LLAMA3_1, dim=8192, n_layers=80, n_heads=64, ffn_dim_multiplier=1.3, multiple_of=4096),
+    "llama3.2-1b": dict(_LLAMA3_2, dim=2048, n_layers=16, n_heads=32, ffn_dim_multiplier=1.5, multiple_of=256),
+    "llama3.2-3b": dict(_LLAMA3_2, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0, multiple_of=256),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_PRESETS)
@@ -78,12 +107,29 @@ MODEL_NAMES: tuple[str, ...] = tuple(_PRESETS)
 
 # ----------------------------------------------------------------------------------------------- model
 
-def precompute_freqs_cis(head_dim: int, seq_len: int, theta: float = 10000.0, device=None) -> torch.Tensor:
-    """e^{i m theta_j} for positions m < seq_len, theta_j = theta^(-2j/head_dim) (RoFormer, Su et al. 2021, eq. 15).
-    Returns complex64 (seq_len, head_dim // 2)."""
+def precompute_freqs_cis(head_dim: int, seq_len: int, theta: float = 10000.0, device=None,
+                         scaling: Optional[RopeScaling] = None) -> torch.Tensor:
+    """e^{i m theta_j} for positions m < seq_len, theta_j = theta^(-2j/head_dim) (RoFormer, Su et al. 2021, eq. 15),
+    with Llama 3.1's scaling of the theta_j when given. Returns complex64 (seq_len, head_dim // 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        freqs = llama3_scaled(freqs, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), freqs)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def llama3_scaled(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling, from Meta's reference code (apply_scaling; the paper gives no formula) and
+    transformers' _compute_llama3_parameters. Wavelengths above original_max_seq_len / low_freq_factor are divided
+    by `factor` (stretched to the longer context), those below original_max_seq_len / high_freq_factor are kept,
+    and the band between is interpolated smoothly."""
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * freqs / s.factor + smooth * freqs
+    scaled = torch.where(wavelen > s.original_max_seq_len / s.low_freq_factor, freqs / s.factor, freqs)
+    in_band = (wavelen >= s.original_max_seq_len / s.high_freq_factor) & \
+              (wavelen <= s.original_max_seq_len / s.low_freq_factor)
+    return torch.where(in_band, smoothed, scaled)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -156,6 +202,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class TiedLogits(torch.autograd.Function):
+    """F.linear(h, weight) for a weight that is also the embedding, h (B, T, dim) -> (B, T, vocab), whose weight
+    gradient is a tensor of its own (F.linear's is a transposed view), so that autograd adds the embedding's into it
+    in place: 2 gradients of the tied weight's size at the end of the backward pass, not 3 (tests/test_plan.py)."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        return F.linear(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, T, vocab)
+        h, weight = ctx.saved_tensors
+        return grad @ weight, grad.flatten(0, -2).t().mm(h.flatten(0, -2))  # (B, T, dim), (vocab, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, checkpointing: bool = False):
         super().__init__()
@@ -164,20 +226,24 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Tied: no output layer; the logits use the embedding matrix, one parameter with two uses (autograd sums
+        # both gradients before its post-accumulate-grad hook fires, once).
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size) in float32."""
-        T = tokens.shape[1]
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        freqs_cis = precompute_freqs_cis(self.args.head_dim, T, self.args.rope_theta, tokens.device)
+        a, T = self.args, tokens.shape[1]
+        if T > a.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={a.max_seq_len}")
+        freqs_cis = precompute_freqs_cis(a.head_dim, T, a.rope_theta, tokens.device, a.rope_scaling)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis)
+        if self.output is None:
+            return TiedLogits.apply(self.norm(h), self.tok_embeddings.weight).float()
         return self.output(self.norm(h)).float()
 
 
@@ -230,6 +296,7 @@ def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
 
 
 def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """Meta checkpoint key -> shape, in model order (built on 'meta', allocates nothing)."""
+    """Meta checkpoint key -> shape, in model order (built on 'meta', allocates nothing). A tied model has no
+    output.weight."""
     with torch.device("meta"):
-        return {name: t.shape for name, t in Transformer(args).state_dict().items()}
+        return {name: p.shape for name, p in Transformer(args).named_parameters()}

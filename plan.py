@@ -4,6 +4,7 @@ These are estimates from the model's shapes (built on the 'meta' device, nothing
 Memory is in GiB (2^30 bytes), as in the paper's Table 1 (which writes GB for GiB).
 """
 from checkpoint import open_checkpoint
+from formats import CheckpointError
 from model import ModelArgs, param_shapes
 
 GiB = 2 ** 30
@@ -11,11 +12,12 @@ PAPER_TABLE_1 = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}  # LLaMA-7B, GiB
 
 
 def sizes(margs: ModelArgs) -> dict:
-    """Element counts: the whole model, its largest tensor, and the largest unit of each sharding choice."""
+    """Element counts: the whole model (a tied weight once), its largest tensor, the largest unit of each sharding
+    choice, and the tied weight (0 if untied)."""
     shapes = {name: s.numel() for name, s in param_shapes(margs).items()}
     block = sum(n for name, n in shapes.items() if name.startswith("layers.0."))
-    embed, head = shapes["tok_embeddings.weight"], shapes["norm.weight"] + shapes["output.weight"]
-    return {"total": sum(shapes.values()), "largest": max(shapes.values()),
+    embed, head = shapes["tok_embeddings.weight"], shapes["norm.weight"] + shapes.get("output.weight", 0)
+    return {"total": sum(shapes.values()), "largest": max(shapes.values()), "tied": embed * margs.tie_embeddings,
             "unit": {"block": max(block, embed, head), "linear": max(shapes.values())},
             "adalomo_state": sum(s[0] + s[1] if len(s) == 2 else s[0] for s in param_shapes(margs).values())}
 
@@ -38,8 +40,10 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
 
     world == 1: no sharding. LOMO keeps one gradient alive (the largest tensor's). sgd / adamw keep every
     gradient, plus fp32 master weights (4 bytes / param) and, for AdamW, two fp32 moments (8 more), over 16-bit
-    weights. Sharded: everything persistent is divided by the world size; a rank also holds the full weights of
-    the unit being computed (and the prefetched next one, with block units) and that unit's full gradients.
+    weights. A tied weight's gradient waits from the output layer's backward to the embedding's, where the two
+    are summed: one more gradient of its size (its shard, with the hand-written sharding). Sharded: everything
+    persistent is divided by the world size; a rank also holds the full weights of the unit being computed (and
+    the prefetched next one, with block units) and that unit's full gradients.
     Collectives per rank and step (ring algorithms send (W-1)/W of the data): block units are gathered in the
     forward and again in each backward pass, and reduce-scattered in each backward pass; linear units are
     gathered once more per backward pass, for the block's recompute. clip_grad_norm and fp16 add a pass.
@@ -50,9 +54,9 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
     fused = optimizer in ("lomo", "adalomo")
     unit_numel = s["unit"]["block" if sharding == "fsdp2" else unit]
     if W == 1:
-        grads, gathered = (s["largest"] if fused else P) * nbytes, 0
-    else:
-        grads = (unit_numel + (0 if fused else P / W)) * nbytes
+        grads, gathered = ((s["largest"] if fused else P) + s["tied"]) * nbytes, 0
+    else:  # FSDP2 holds the tied gradient in its root unit's, which unit_numel counts
+        grads = (unit_numel + (0 if fused else P / W) + (s["tied"] / W if sharding == "own" else 0)) * nbytes
         gathered = (2 if unit == "block" or sharding == "fsdp2" else 1) * unit_numel * nbytes
     passes = 2 if check_pass and fused else 1
     gathers_per_pass = 2 if unit == "linear" and sharding == "own" else 1
@@ -67,7 +71,10 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
 
 def print_plan(args):
     """The --dry-run report for train.py's arguments."""
-    margs = open_checkpoint(args.ckpt).args if args.ckpt and not args.model else ModelArgs.from_name(args.model)
+    try:
+        margs = ModelArgs.from_name(args.model) if args.model else open_checkpoint(args.ckpt).args
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"--ckpt: {e}") from None
     nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype or "bf16"]
     check = bool(args.clip_grad_norm) and args.clip_grad_norm_scope == "global" or args.dtype == "fp16"
     common = dict(batch=args.batch_size, seq_len=args.max_len, nbytes=nbytes, check_pass=check)

@@ -78,9 +78,14 @@ class ShardedUnit(nn.Module):
 
     `module` (usually on the 'meta' device) supplies the computation through torch.func.functional_call; it is
     not registered as a child, so `parameters()` yields only the shards.
+
+    tied_to: another unit whose shards this one uses, with its own computation (a tied output head: the
+    embedding's matrix as a Linear). The two units are two uses of the same parameters, so autograd sums their
+    reduce-scattered gradients into the one shard before its post-accumulate-grad hook fires, once per pass.
     """
 
-    def __init__(self, module: nn.Module, prefix: str, group=None, device="cpu", dtype=torch.float32):
+    def __init__(self, module: nn.Module, prefix: str, group=None, device="cpu", dtype=torch.float32,
+                 tied_to: "ShardedUnit" = None):
         super().__init__()
         object.__setattr__(self, "module", module)
         self.group = group
@@ -95,9 +100,14 @@ class ShardedUnit(nn.Module):
         self.offsets = [[sum(n[:i]) for i in range(len(n))] for n in numels]
         self.numels = numels
         self.chunk = max(sum(n) for n in numels)  # per-rank size of the padded flat buffer
-        self.shards = nn.ParameterList(
-            nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
-            for (a, b), s in zip(self.ranges[self.rank], self.shapes))
+        object.__setattr__(self, "tied_to", tied_to)  # not a child module: the shards are what is shared
+        if tied_to is not None:
+            assert tied_to.shapes == self.shapes, f"{prefix} cannot be tied to {tied_to.names}: shapes differ"
+            self.shards = tied_to.shards
+        else:
+            self.shards = nn.ParameterList(
+                nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
+                for (a, b), s in zip(self.ranges[self.rank], self.shapes))
         self.next_unit = self.prev_unit = None  # prefetch order, set by ShardedTransformer
         self.guard = None  # a NonFiniteGuard shared by the model's units, set by ShardedTransformer
         self._pending = None
@@ -216,30 +226,41 @@ class ShardedTransformer(nn.Module):
                         parent, _, attr = name.rpartition(".")
                         setattr(layer.get_submodule(parent), attr, shard(module, f"layers.{i}.{name}."))
             self.layers = model.layers
-        self.head = shard(Head(model.norm, model.output), "")
+        if args.tie_embeddings:  # the final norm, then the embedding's shards used as the output layer
+            self.head = shard(model.norm, "norm.")
+            with torch.device("meta"):
+                logits = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.output = ShardedUnit(logits, "tok_embeddings.", group, device, dtype, tied_to=self.embed)
+        else:
+            self.head, self.output = shard(Head(model.norm, model.output), ""), None
         self.guard = NonFiniteGuard(group)
-        for unit in self.units():
-            unit.guard = self.guard
+        for module in self.modules():  # every unit that reduce-scatters, a tied output head included
+            if isinstance(module, ShardedUnit):
+                module.guard = self.guard
         if unit == "block":
-            chain = [self.embed, *self.layers, self.head]
+            chain = [self.embed, *self.layers, self.head] + ([self.output] if self.output else [])
             for a, b in zip(chain, chain[1:]):  # plain attributes, not child modules (that would be a cycle)
                 object.__setattr__(a, "next_unit", b)
                 object.__setattr__(b, "prev_unit", a)
 
     def units(self) -> list:
-        return [m for m in self.modules() if isinstance(m, ShardedUnit)]
+        """The units that own their shards, in model order (a tied output head is not one of them)."""
+        return [m for m in self.modules() if isinstance(m, ShardedUnit) and m.tied_to is None]
 
     def forward(self, tokens):
         """tokens (B, T) -> logits (B, T, vocab) in fp32."""
         self.guard.reset()
-        freqs_cis = precompute_freqs_cis(self.args.head_dim, tokens.shape[1], self.args.rope_theta, tokens.device)
+        a = self.args
+        freqs_cis = precompute_freqs_cis(a.head_dim, tokens.shape[1], a.rope_theta, tokens.device, a.rope_scaling)
         h = self.embed(tokens)
         for layer in self.layers:
             if self.unit == "linear" and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis)
-        return self.head(h)
+        if self.output is None:
+            return self.head(h)  # norm and output layer in one unit
+        return self.output(self.head(h)).float()
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 backend

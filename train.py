@@ -28,35 +28,47 @@ from tqdm import tqdm
 
 import data
 import shard
+import superglue
 from lomo import CLIP_SCOPES, LOMO, AdaLomo
 from checkpoint import HFWriter, MetaWriter, open_checkpoint
+from formats import CheckpointError, meta_params
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
 from plan import print_plan
+from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
 # The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU.
 # --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
-DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, warmup_ratio=0.1,
-                              clip_grad_norm=1.0, max_len=1024),
-            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, warmup_ratio=0.1,
-                            clip_grad_norm=0.0, max_len=1024),  # the 65B budget of shared/design/sharded-step.md
-            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, warmup_ratio=0.0,
-                              clip_grad_norm=0.0, max_len=64)}
+# --task jsonl (your own data): the SuperGLUE settings, on every row of the files.
+DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000,
+                              warmup_ratio=0.1, clip_grad_norm=1.0, max_len=1024),
+            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, eval_samples=1000,
+                            warmup_ratio=0.1, clip_grad_norm=0.0, max_len=1024),  # shared/design/sharded-step.md
+            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, eval_samples=1000,
+                              warmup_ratio=0.0, clip_grad_norm=0.0, max_len=64)}
+DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Unset flags take the defaults of the official LOMO config for SuperGLUE "
-                                "tasks, and of the CPU demo for --task synthetic: " + json.dumps(DEFAULTS))
+                                "tasks and --task jsonl, and of the CPU demo for --task synthetic: "
+                                + json.dumps(DEFAULTS))
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
-    p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: a tiny one trained for the demo)")
-    p.add_argument("--task", default="synthetic", help=f"synthetic or a SuperGLUE task: {', '.join(data.TASKS)}")
-    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ... (not needed for synthetic)")
-    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000)")
-    p.add_argument("--eval-samples", type=int, default=1000, help="validation examples sampled (paper: 1000)")
+    p.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or their "
+                   "folder (default: the one in --ckpt's folder; for the demo, a tiny one trained on the fly)")
+    p.add_argument("--task", default="synthetic",
+                   help=f"synthetic, jsonl (your own data) or a SuperGLUE task: {', '.join(superglue.TASKS)}")
+    p.add_argument("--data-dir", help="SuperGLUE folder holding BoolQ/, CB/, ...; for jsonl the folder holding "
+                   "train.jsonl and val.jsonl (not needed for synthetic)")
+    p.add_argument("--train-samples", type=int, help="training examples sampled (paper: 1000; jsonl: all)")
+    p.add_argument("--eval-samples", type=int, help="validation examples sampled (paper: 1000; jsonl: all)")
+    p.add_argument("--sampling", default="paper", choices=("paper", "groups"),
+                   help="paper: the paper's subsets (random.sample with seed 0, whatever --seed); groups: whole "
+                   "MultiRC questions, drawn with --seed")
     p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
     p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
                    help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
@@ -81,14 +93,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"))
-    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format)")
+    p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
+                   "--task rte adds the diagnostics AX-b and AX-g)")
     p.add_argument("--dry-run", action="store_true", help="print the memory and communication plan, then exit")
     p.add_argument("--world-size", type=int, default=1, help="ranks assumed by --dry-run")
     p.add_argument("--gpu-gib", type=float, default=24.0, help="GPU memory that --dry-run checks the plan against")
     p.add_argument("--sharding", default="own", choices=("own", "fsdp2"), help="own: shard.py; fsdp2: PyTorch's")
     p.add_argument("--shard-unit", default="block", choices=shard.SHARD_UNITS, help="what is gathered at once")
     args = p.parse_args(argv)
-    kind = "dry_run" if args.dry_run else "synthetic" if args.task == "synthetic" else "superglue"
+    kind = "dry_run" if args.dry_run else args.task if args.task in ("synthetic", "jsonl") else "superglue"
     for flag, value in DEFAULTS[kind].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -96,11 +109,15 @@ def parse_args(argv=None):
     args.model = args.model or ("tiny" if not args.ckpt else None)
     if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
-    if args.task != "synthetic" and args.task.lower() not in data.TASKS:
-        p.error(f"--task {args.task!r} is unknown: choose synthetic or one of {', '.join(data.TASKS)}")
+    if args.task not in ("synthetic", "jsonl") and args.task.lower() not in superglue.TASKS:
+        p.error(f"--task {args.task!r} is unknown: choose synthetic, jsonl or one of {', '.join(superglue.TASKS)}")
     if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
-        p.error(f"--data-dir {args.data_dir!r} is not a folder: a SuperGLUE task needs the folder that holds "
-                f"{data.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+        needs = ("train.jsonl and val.jsonl (see the README for their format)" if args.task == "jsonl" else
+                 f"{superglue.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+        p.error(f"--data-dir {args.data_dir!r} is not a folder: --task {args.task} needs the folder that holds "
+                + needs)
+    if args.predict and args.task in ("synthetic", "jsonl"):
+        p.error(f"--predict writes SuperGLUE test predictions; --task {args.task} has no test split")
     for flag in ("batch_size", "train_samples", "eval_samples", "max_len", "world_size", "keep_last"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -133,36 +150,48 @@ def all_reduce(x, world, op=dist.ReduceOp.SUM):
 
 
 def load_tokenizer(args, rank, world):
-    if args.tokenizer:
-        return data.Tokenizer(args.tokenizer)
-    if args.task != "synthetic":
-        raise SystemExit("--tokenizer is required for a SuperGLUE task (LLaMA's tokenizer.model)")
+    """--tokenizer, else the tokenizer in --ckpt's folder, else (the demo) a tiny one trained here."""
+    path = args.tokenizer or (find_tokenizer(args.ckpt) if args.ckpt and os.path.isdir(args.ckpt) else None)
+    if path:
+        return open_tokenizer(path)
+    if args.ckpt or args.task != "synthetic":
+        raise SystemExit(f"--tokenizer is required for --task {args.task}" + (
+            f": --ckpt {args.ckpt} holds no tokenizer.model or tokenizer.json" if args.ckpt else "") +
+            " (LLaMA's tokenizer.model, or the tokenizer.json of a Hugging Face release, or its folder)")
     folder = Path(tempfile.gettempdir()) / "lomo-demo-tokenizer"
     if rank == 0:  # sentencepiece training is deterministic, so the demo tokenizer is the same every time
         folder.mkdir(exist_ok=True)
-        data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+        train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
     if world > 1:
         dist.barrier()
-    return data.Tokenizer(str(folder / "synthetic.model"))
+    return open_tokenizer(str(folder / "synthetic.model"))
 
 
 def model_args(args, tok):
     """The model's shape: the --model preset, or what --ckpt holds (which must then match the preset). The tiny
-    demo model takes the tokenizer's vocabulary; any other must have the tokenizer's."""
+    demo model takes the tokenizer's vocabulary; any other needs an embedding row for every token."""
     margs = ModelArgs.from_name(args.model) if args.model else None
     if args.model == "tiny" and not args.ckpt:
         return dataclasses.replace(margs, vocab_size=tok.n_words)
     where = "the --model preset"
     if args.ckpt:
-        ckpt = open_checkpoint(args.ckpt).args
-        if margs and dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) != margs:
+        try:
+            ckpt = open_checkpoint(args.ckpt).args
+        except (CheckpointError, FileNotFoundError) as e:  # one line that names the file, no traceback
+            raise SystemExit(f"--ckpt: {e}") from None
+        if margs and ckpt.architecture() != margs.architecture():
             raise SystemExit(f"--ckpt {args.ckpt} holds a model with {ckpt}, not the --model {args.model} preset "
                              f"{margs}: pass the matching --model, or none")
-        # Meta's params.json has no max_seq_len: keep the preset's (4096 for Llama 2)
+        # a checkpoint without a context length (Meta's, off the presets) keeps the preset's
         margs, where = (dataclasses.replace(ckpt, max_seq_len=margs.max_seq_len) if margs else ckpt), f"--ckpt {args.ckpt}"
-    if margs.vocab_size != tok.n_words:
-        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of "
+    if tok.n_words > margs.vocab_size:  # more rows than tokens is fine: many checkpoints pad their embedding
+        raise SystemExit(f"the tokenizer has {tok.n_words} tokens but {where} has an embedding of only "
                          f"{margs.vocab_size} rows: use the tokenizer that came with the weights")
+    if args.export and args.export_format == "meta":
+        try:  # refuse now, not after training, what Meta's params.json cannot say
+            meta_params(margs)
+        except CheckpointError as e:
+            raise SystemExit(f"--export-format meta: {e}") from None
     return margs
 
 
@@ -399,7 +428,14 @@ def export(args, model, margs, rank):
 def load_examples(args, split, n):
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
-    return data.sample_examples(data.load_task(args.task, args.data_dir, split), n, args.seed)
+    if args.task == "jsonl":
+        examples = data.load_jsonl(os.path.join(args.data_dir, f"{split}.jsonl"))
+        n = n or len(examples)
+    else:
+        examples = superglue.load_task(args.task, args.data_dir, split)
+    if args.sampling == "paper":
+        return data.paper_subset(examples, n)
+    return data.group_subset(examples, n, args.seed)
 
 
 def log(path, row):
@@ -444,9 +480,16 @@ def run(args, rank, world, device):
     margs = model_args(args, tok)
     if args.max_len > margs.max_seq_len:
         raise SystemExit(f"--max-len {args.max_len} exceeds the model's max_seq_len {margs.max_seq_len}")
+    task = args.task.lower()
     train_set = load_examples(args, "train", args.train_samples) if args.epochs else []
     val_set = load_examples(args, "val", args.eval_samples)
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
+    # the test split; RTE's model also predicts the diagnostics AX-b and AX-g. Read now: bad files fail before training
+    predict_sets = {task: superglue.load_task(task, args.data_dir, "test")} if args.predict else {}
+    if args.predict and task == "rte":
+        predict_sets.update(superglue.load_diagnostics(args.data_dir))
+    for ex in val_set + [ex for examples in predict_sets.values() for ex in examples]:
+        data.fit_prompt(tok, ex, args.max_len)  # an example too long for --max-len fails now, not after training
     model = build_model(args, margs, rank, world, device, dtype)
     opt = build_optimizer(args, model, world)
     steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
@@ -456,11 +499,13 @@ def run(args, rank, world, device):
         step, position = load_checkpoint(args, args.resume, model, opt, sched, rank, world)
     os.makedirs(args.save_dir, exist_ok=True)
     metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-    task = args.task.lower()
 
     def run_eval():
-        preds = data.predict(val_set, evaluate(model, tok, val_set, args, rank, world, device))
-        metrics = data.compute_metrics(task, val_set, preds)
+        scores = evaluate(model, tok, val_set, args, rank, world, device)
+        if task == "jsonl":
+            metrics = data.answer_metrics(tok, val_set, scores, args.max_len)
+        else:
+            metrics = superglue.compute_metrics(task, val_set, data.predict(val_set, scores))
         if rank == 0:
             log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
         return metrics
@@ -494,11 +539,15 @@ def run(args, rank, world, device):
     if args.epochs:
         save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
     metrics = run_eval()
-    if args.predict:
-        test_set = data.load_task(task, args.data_dir, "test")
-        preds = data.predict(test_set, evaluate(model, tok, test_set, args, rank, world, device))
+    for name, examples in predict_sets.items():
+        preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device))
         if rank == 0:
-            print("predictions:", data.write_predictions(task, test_set, preds, args.save_dir))
+            print("predictions:", superglue.write_predictions(name, examples, preds, args.save_dir))
+    missing = [f"{superglue.TASK_DIRS[name]}/{superglue.TASK_DIRS[name]}.jsonl" for name in superglue.DIAGNOSTICS
+               if args.predict and task == "rte" and name not in predict_sets]
+    if rank == 0 and missing:
+        print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
+              "their predictions too")
     if args.export:
         export(args, model, margs, rank)
     if rank == 0:

@@ -1,11 +1,14 @@
 """checkpoint.py against checkpoint fixtures laid out here the way Meta's model-parallel code and HF's
 convert_llama_weights_to_hf.py lay them out."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import checkpoint as C
+import formats
+from model import ModelArgs, RopeScaling, param_shapes
 from test_model import assert_same_state, random_model, same_architecture, tiny
 
 # --------------------------------------------------------------------- checkpoint fixtures, written here
@@ -14,16 +17,19 @@ SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # fairsc
              "wo": 1, "w2": 1, "tok_embeddings": 1}                      # RowParallelLinear, ParallelEmbedding
 
 
-def write_meta_fixture(folder, model, n_shards, vocab_size=-1, **extra_params):
+def write_meta_fixture(folder, model, n_shards, vocab_size=-1, embedding_split=1, output=None, **extra_params):
+    """Meta's files of `model`. embedding_split 0: Llama 3's VocabParallelEmbedding. output: an output.weight to
+    write (a tied model has none of its own)."""
     a = model.args
     folder.mkdir()
     params = dict(dim=a.dim, multiple_of=a.multiple_of, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                   n_layers=a.n_layers, norm_eps=a.norm_eps, vocab_size=vocab_size, **extra_params)
     (folder / "params.json").write_text(json.dumps(params))
+    state = model.state_dict() if output is None else {**model.state_dict(), "output.weight": output}
     for k in range(n_shards):
         shard = {"rope.freqs": torch.ones(a.head_dim // 2)}
-        for name, t in model.state_dict().items():
-            dim = SPLIT_DIM.get(name.split(".")[-2])
+        for name, t in state.items():
+            dim = embedding_split if name == "tok_embeddings.weight" else SPLIT_DIM.get(name.split(".")[-2])
             shard[name] = t.clone() if dim is None else t.chunk(n_shards, dim)[k].clone()
         torch.save(shard, folder / f"consolidated.{k:02d}.pth")
     return folder
@@ -213,15 +219,207 @@ def test_tokenizer_vocab_must_match_embedding(tmp_path):
 
 def test_config_fields_that_change_the_model_are_errors(tmp_path):
     folder = write_meta_fixture(tmp_path / "m", random_model(), 1, use_scaled_rope=True)
-    with pytest.raises(ValueError, match=r"params.json: fields \['use_scaled_rope'\]"):
+    with pytest.raises(C.CheckpointError, match=r"params.json: use_scaled_rope is true, but no Llama 3.1 / 3.2 "
+                                                r"preset has this shape"):
+        C.load_model(folder)
+    folder = write_meta_fixture(tmp_path / "v", random_model(), 1, vision_chunk_size=560)
+    with pytest.raises(C.CheckpointError, match=r"params.json: \['vision_chunk_size'\] would change the model"):
+        C.load_model(folder)
+    folder = write_meta_fixture(tmp_path / "d", random_model(), 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "dim"}))
+    with pytest.raises(C.CheckpointError, match=r"params.json: missing fields \['dim'\]"):
         C.load_model(folder)
     folder = write_meta_fixture(tmp_path / "ok", random_model(), 1, max_batch_size=32)  # harmless: ignored
     assert C.load_model(folder).args.vocab_size == 512
     folder = write_hf_bin_fixture(tmp_path / "hf", random_model())
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
-    with pytest.raises(ValueError, match="config.json: rope_scaling"):
-        C.load_model(folder)
+    for change, message in [({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not"),
+                            ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not"),
+                            ({"hidden_act": "gelu"}, "hidden_act='gelu' changes the model"),
+                            ({"attention_bias": True}, "attention_bias=True changes the model"),
+                            ({"mlp_bias": True}, "mlp_bias=True changes the model"),
+                            ({"attention_dropout": 0.1}, "attention_dropout=0.1 changes the model"),
+                            ({"model_type": "mistral"}, "model_type='mistral'"),
+                            ({"sliding_window": 4096}, r"\['sliding_window'\] would change the model"),
+                            ({"quantization_config": {"bits": 4}}, r"\['quantization_config'\] would change"),
+                            ({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}},
+                             "rope_theta is 10000.0 in rope_theta but 500000.0 in rope_parameters"),
+                            ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+                             "rope type llama3 needs 'low_freq"),
+                            ({"rope_parameters": {"rope_type": "default", "factor": 8.0}}, r"RoPE keys \['factor'\]"),
+                            ({"rope_parameters": {"partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+                            ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false")]:
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(C.CheckpointError, match="config.json: " + message):
+            C.load_model(folder)
+    harmless = {"use_cache": False, "initializer_range": 0.04, "pad_token_id": 0, "transformers_version": "4.40.0",
+                "torch_dtype": "bfloat16", "pretraining_tp": 1, "attention_dropout": 0, "_name_or_path": "x",
+                "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    (folder / "config.json").write_text(json.dumps({**config, **harmless}))
+    assert C.load_model(folder).args.rope_theta == 10000.0
+
+
+def test_transformers_5_rope_parameters_give_rope_theta(tmp_path):
+    """transformers 5 writes rope_theta only inside rope_parameters (the issue: it was read as 10000)."""
+    folder = write_hf_bin_fixture(tmp_path / "hf", random_model())
+    config = json.loads((folder / "config.json").read_text())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    for rope, theta, expected_scaling in [
+            ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}, 500000.0, None),
+            ({"rope_theta": 100000, "rope_scaling": None}, 100000.0, None),  # transformers 4
+            ({"rope_parameters": {**scaling, "rope_theta": 500000.0}}, 500000.0, RopeScaling(8.0, 1.0, 4.0, 64)),
+            ({"rope_theta": 500000.0, "rope_scaling": scaling}, 500000.0, RopeScaling(8.0, 1.0, 4.0, 64))]:
+        (folder / "config.json").write_text(json.dumps({**config, **rope}))
+        args = C.open_checkpoint(folder).args
+        assert (args.rope_theta, args.rope_scaling) == (theta, expected_scaling), rope
+
+
+LLAMA3_PARAMS = {  # Meta's params.json of each release, as published
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, norm_eps=1e-05, rope_theta=500000.0),
+    "llama3.1-8b": dict(dim=4096, ffn_dim_multiplier=1.3, multiple_of=1024, n_heads=32, n_kv_heads=8, n_layers=32,
+                        norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, vocab_size=128256),
+    "llama3.1-70b": dict(dim=8192, ffn_dim_multiplier=1.3, multiple_of=4096, n_heads=64, n_kv_heads=8, n_layers=80,
+                         norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, vocab_size=128256),
+    "llama3.2-1b": dict(dim=2048, ffn_dim_multiplier=1.5, multiple_of=256, n_heads=32, n_kv_heads=8, n_layers=16,
+                        norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, vocab_size=128256),
+    "llama3.2-3b": dict(dim=3072, ffn_dim_multiplier=1.0, multiple_of=256, n_heads=24, n_kv_heads=8, n_layers=28,
+                        norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True, vocab_size=128256),
+}
+
+
+HF_CONFIGS = {  # config.json of real releases on the hub, as published (their keys, their values)
+    "llama2-7b": {"_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"],
+                  "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+                  "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+                  "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                  "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+                  "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0.dev0",
+                  "use_cache": True, "vocab_size": 32000},
+    "llama3.1-8b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+                    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "llama3.2-1b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+                    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+                    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+                    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+                    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                     "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576,
+                     "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": True,
+                     "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 9,
+                     "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                     "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+                     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+                     "use_cache": True, "vocab_size": 49152},
+}
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_published_hf_configs_read_as_their_model(name):
+    args = formats.hf_args(HF_CONFIGS[name], "config.json")
+    if name == "smollm2-135m":  # no preset: its published size, 134.5M parameters with the tied embedding
+        assert (args.rope_theta, args.tie_embeddings, args.kv_heads, args.head_dim) == (100000.0, True, 3, 64)
+        assert sum(s.numel() for s in param_shapes(args).values()) == 134_515_008
+    else:
+        preset = ModelArgs.from_name(name)
+        assert args.architecture() == preset.architecture() and args.max_seq_len == preset.max_seq_len
+
+
+@pytest.mark.parametrize("name", LLAMA3_PARAMS)
+def test_meta_llama3_params_take_the_scaling_of_their_release(name):
+    args = formats.meta_args(LLAMA3_PARAMS[name], "params.json", 128256)
+    preset = ModelArgs.from_name(name)
+    assert args.rope_scaling == preset.rope_scaling and args.max_seq_len == preset.max_seq_len
+    assert args.rope_scaling is None or args.rope_scaling.factor == (32.0 if "3.2" in name else 8.0)
+    assert args.architecture() == {**preset.architecture(), "tie_embeddings": False}  # the tensors decide tying
+    params = formats.meta_params(dataclasses.replace(args, tie_embeddings=preset.tie_embeddings))
+    assert formats.meta_args(params, "params.json", 128256).architecture() == args.architecture()
+
+
+def test_meta_params_refuse_what_they_cannot_say():
+    with pytest.raises(C.CheckpointError, match="cannot hold head_dim=24"):
+        formats.meta_params(tiny(explicit_head_dim=24))
+    with pytest.raises(C.CheckpointError, match="says only use_scaled_rope"):
+        formats.meta_params(tiny(rope_scaling=RopeScaling(8.0)))
+    with pytest.raises(C.CheckpointError, match="says only use_scaled_rope"):  # the shape of 3.1 8B, another factor
+        formats.meta_params(dataclasses.replace(ModelArgs.from_name("llama3.1-8b"), rope_scaling=RopeScaling(4.0)))
+    with pytest.raises(C.CheckpointError, match="cannot hold head_dim"):  # refused before anything is written
+        C.save_model(random_model(tiny(explicit_head_dim=24)), "/nonexistent/never-created", format="meta")
+
+
+def test_meta_tied_checkpoints(tmp_path):
+    tied = random_model(tiny(tie_embeddings=True))
+    embedding = tied.tok_embeddings.weight.detach()
+    for name, output, n_shards in [("same", embedding.clone(), 1), ("absent", None, 1), ("same2", embedding, 2)]:
+        loaded = C.load_model(write_meta_fixture(tmp_path / name, tied, n_shards, output=output))
+        assert loaded.args.tie_embeddings, name
+        assert_same_state(loaded, tied)
+    untied = C.load_model(write_meta_fixture(tmp_path / "different", tied, 2, output=embedding + 1))
+    assert not untied.args.tie_embeddings
+    assert torch.equal(untied.output.weight, embedding + 1)
+    C.save_model(tied, tmp_path / "export", format="meta", n_shards=2)  # Meta's layout: both tensors, equal
+    shards = [torch.load(tmp_path / "export" / f"consolidated.{k:02d}.pth") for k in range(2)]
+    assert torch.equal(torch.cat([s["output.weight"] for s in shards]), embedding)
+    assert_same_state(C.load_model(tmp_path / "export"), tied)
+
+
+def test_meta_llama3_vocab_parallel_shards(tmp_path):
+    """Llama 3's model-parallel files split the embedding by rows (VocabParallelEmbedding), not by columns."""
+    model = random_model()
+    folder = write_meta_fixture(tmp_path / "m", model, 2, vocab_size=512, embedding_split=0)
+    assert torch.load(folder / "consolidated.01.pth")["tok_embeddings.weight"].shape == (256, 64)
+    assert_same_state(C.load_model(folder), model)
+
+
+def test_hf_tied_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tied = random_model(tiny(tie_embeddings=True))
+    C.save_model(tied, tmp_path / "hf", format="hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    files = sorted((tmp_path / "hf").glob("*.safetensors"))
+    assert not any("lm_head.weight" in load_file(f) for f in files)  # as transformers saves a tied model
+    assert_same_state(C.load_model(tmp_path / "hf"), tied)
+    embedding = tied.tok_embeddings.weight.detach()
+    save_file({"lm_head.weight": embedding.clone()}, tmp_path / "hf" / "zz-head.safetensors")  # a redundant copy
+    assert_same_state(C.load_model(tmp_path / "hf"), tied)
+    save_file({"lm_head.weight": embedding + 1}, tmp_path / "hf" / "zz-head.safetensors")
+    with pytest.raises(C.CheckpointError, match="tie_word_embeddings: true, but lm_head.weight differs"):
+        C.load_model(tmp_path / "hf")
+    (tmp_path / "hf" / "zz-head.safetensors").unlink()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(C.CheckpointError, match=r"missing keys \['output.weight'\].*tie_word_embeddings: true"):
+        C.load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "hf-bin", "meta"])
+def test_truncated_weight_file_is_named(tmp_path, fmt):
+    model = random_model()
+    if fmt == "hf-bin":
+        folder = write_hf_bin_fixture(tmp_path / "ckpt", model)
+    else:
+        C.save_model(model, tmp_path / "ckpt", format=fmt)
+        folder = tmp_path / "ckpt"
+    victim = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth", ".bin"))[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(C.CheckpointError, match=f"{victim}: cannot read this weight file .*truncated") as e:
+        C.open_checkpoint(folder)
+    assert "\n" not in str(e.value)
 
 
 def test_writers_never_overwrite_or_leave_partial_output(tmp_path):

@@ -1,274 +1,23 @@
+import collections
 import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
 
 import data
-from conftest import REALDATA
+import model
+import superglue
+import train
+from conftest import answer_part
 
-REAL_TOKENIZER = os.path.join(REALDATA, "llama_tokenizer.model")
-REAL_SUPERGLUE = os.path.join(REALDATA, "superglue")
-
-
-def span(text, entity, occurrence=0):
-    """ReCoRD-style span of the n-th occurrence of `entity`, with an INCLUSIVE end."""
-    start = -1
-    for _ in range(occurrence + 1):
-        start = text.index(entity, start + 1)
-    return {"start": start, "end": start + len(entity) - 1}
-
-
-RECORD_TEXT = ("Tracy Morgan will host SNL. Tracy Morgan is back.\n@highlight\nMorgan returns to NBC\n"
-               "@highlight\nSNL airs in October")
-RECORD_ENTITIES = [span(RECORD_TEXT, "Tracy Morgan"), span(RECORD_TEXT, "SNL"), span(RECORD_TEXT, "Tracy Morgan", 1),
-                   span(RECORD_TEXT, "Morgan", 2), span(RECORD_TEXT, "NBC"), span(RECORD_TEXT, "SNL", 1)]
-RECORD_SHOWN = "Tracy Morgan will host SNL. Tracy Morgan is back.\n- Morgan returns to NBC\n- SNL airs in October"
-QUESTION = "\nQuestion: What is the \"@placeholder\"?\nAnswer: "
-CB_CANDIDATES = ["Yes", "No", "Maybe"]
-
-# Official-schema records per task (keys deliberately in varied order) and, per example, the literal
-# expected (prompt, candidates, gold).
-FIXTURES = {
-    "boolq": (
-        [{"question": "is the sky blue", "passage": "Sky -- The sky is blue on a clear day.", "idx": 0, "label": True},
-         {"label": False, "idx": 1, "passage": "Grass -- Grass is green.", "question": "is grass red"}],
-        [("Sky -- The sky is blue on a clear day. is the sky blue\nAnswer: ", ["No", "Yes"], 1),
-         ("Grass -- Grass is green. is grass red\nAnswer: ", ["No", "Yes"], 0)]),
-    "cb": (
-        [{"premise": "It rained. The ground was wet.", "hypothesis": "the ground was wet", "label": "entailment",
-          "idx": 0},
-         {"idx": 1, "label": "contradiction", "hypothesis": "it was dry", "premise": "It rained."},
-         {"premise": "It rained.", "hypothesis": "it was cold", "label": "neutral", "idx": 2}],
-        [("Suppose It rained. The ground was wet. Can we infer that \"the ground was wet\"? Yes, No, or Maybe?\n"
-          "Answer: ", CB_CANDIDATES, 0),
-         ("Suppose It rained. Can we infer that \"it was dry\"? Yes, No, or Maybe?\nAnswer: ", CB_CANDIDATES, 1),
-         ("Suppose It rained. Can we infer that \"it was cold\"? Yes, No, or Maybe?\nAnswer: ", CB_CANDIDATES, 2)]),
-    "copa": (
-        [{"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
-          "choice2": "The grass was cut.", "question": "cause", "label": 0, "idx": 0},
-         {"idx": 1, "label": 1, "question": "effect", "choice2": "Water flowed from the spout.",
-          "choice1": "The toilet filled with water.", "premise": "The man turned on the faucet."}],
-        [("My body cast a shadow over the grass. because ", ["The sun was rising.", "The grass was cut."], 0),
-         ("The man turned on the faucet. so ", ["The toilet filled with water.", "Water flowed from the spout."], 1)]),
-    "multirc": (
-        [{"idx": 0, "version": 1.1, "passage": {"text": "Carl is a robot. He needs a tire.", "questions": [
-            {"question": "What is Carl?", "idx": 0, "answers": [
-                {"text": "A robot", "idx": 0, "label": 1}, {"text": "A tire", "idx": 1, "label": 0}]},
-            {"idx": 1, "answers": [{"label": 1, "idx": 2, "text": "A tire"}], "question": "What does Carl need?"}]}},
-         {"passage": {"questions": [{"question": "Is Carl sad?", "answers": [{"text": "No", "idx": 3, "label": 0}],
-                                     "idx": 2}], "text": "Carl smiles."}, "idx": 1}],
-        [("Carl is a robot. He needs a tire.\nQuestion: What is Carl?\nI found this answer \"A robot\". "
-          "Is that correct? Yes or No?\nAnswer: ", ["No", "Yes"], 1),
-         ("Carl is a robot. He needs a tire.\nQuestion: What is Carl?\nI found this answer \"A tire\". "
-          "Is that correct? Yes or No?\nAnswer: ", ["No", "Yes"], 0),
-         ("Carl is a robot. He needs a tire.\nQuestion: What does Carl need?\nI found this answer \"A tire\". "
-          "Is that correct? Yes or No?\nAnswer: ", ["No", "Yes"], 1),
-         ("Carl smiles.\nQuestion: Is Carl sad?\nI found this answer \"No\". Is that correct? Yes or No?\nAnswer: ",
-          ["No", "Yes"], 0)]),
-    "record": (
-        [{"source": "Daily mail", "passage": {"text": RECORD_TEXT, "entities": RECORD_ENTITIES},
-          "qas": [{"query": "@placeholder will host the show.", "idx": 0,
-                   "answers": [dict(span(RECORD_TEXT, "Tracy Morgan"), text="Tracy Morgan"),
-                               dict(span(RECORD_TEXT, "Morgan", 2), text="Morgan"),
-                               dict(span(RECORD_TEXT, "Tracy Morgan", 1), text="Tracy Morgan")]},
-                  {"idx": 1, "answers": [dict(span(RECORD_TEXT, "NBC"), text="NBC")],
-                   "query": "The show is on @placeholder."}], "idx": 0}],
-        [(RECORD_SHOWN + "\n@placeholder will host the show." + QUESTION, ["Tracy Morgan", "SNL", "NBC"], 0),
-         (RECORD_SHOWN + "\nThe show is on @placeholder." + QUESTION, ["Tracy Morgan", "SNL", "Morgan", "NBC"], 3)]),
-    "rte": (
-        [{"premise": "Dana Reeve died of lung cancer.", "hypothesis": "Dana Reeve is dead.", "label": "entailment",
-          "idx": 0},
-         {"idx": 1, "label": "not_entailment", "hypothesis": "Dana Reeve had an accident.",
-          "premise": "Dana Reeve died."}],
-        [("Dana Reeve died of lung cancer.\nDoes this mean that \"Dana Reeve is dead.\" is true? Yes or No?\nAnswer: ",
-          ["Yes", "No"], 0),
-         ("Dana Reeve died.\nDoes this mean that \"Dana Reeve had an accident.\" is true? Yes or No?\nAnswer: ",
-          ["Yes", "No"], 1)]),
-    "wic": (
-        [{"word": "place", "sentence1": "Come over to my place.", "sentence2": "A system with no place for us.",
-          "idx": 0, "label": False, "start1": 16, "start2": 17, "end1": 21, "end2": 22, "version": 1.1}],
-        [("Does the word \"place\" have the same meaning in these two sentences? Yes, No?\nCome over to my place.\n"
-          "A system with no place for us.\nAnswer: ", ["No", "Yes"], 0)]),
-    "wsc": (
-        [{"text": "Mark told Pete lies about himself. He should have been more skeptical.",
-          "target": {"span2_index": 6, "span1_index": 0, "span1_text": "Mark", "span2_text": "He"}, "idx": 0,
-          "label": False},
-         {"label": True, "idx": 1, "text": "The cup fell off the table because it was at the edge.",
-          "target": {"span1_text": "The cup", "span2_text": "it", "span1_index": 0, "span2_index": 7}}],
-        [("Mark told Pete lies about himself. He should have been more skeptical.\nIn the previous sentence, does the "
-          "pronoun \"He\" refer to \"Mark\"? Yes or No?\nAnswer: ", ["No", "Yes"], 0),
-         ("The cup fell off the table because it was at the edge.\nIn the previous sentence, does the pronoun \"it\" "
-          "refer to \"The cup\"? Yes or No?\nAnswer: ", ["No", "Yes"], 1)]),
-}
-
-
-def unlabelled(obj, drop):
-    """A test-split copy: the `drop` keys removed everywhere, the other keys in reverse order."""
-    if isinstance(obj, list):
-        return [unlabelled(x, drop) for x in obj]
-    if isinstance(obj, dict):
-        return {k: unlabelled(obj[k], drop) for k in reversed(list(obj)) if k != drop}
-    return obj
-
-
-def write_jsonl(path, records, final_newline=True):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(json.dumps(r) for r in records) + "\n" * final_newline)
-
-
-@pytest.fixture(scope="module")
-def superglue(tmp_path_factory):
-    root = tmp_path_factory.mktemp("superglue")
-    for task, (records, _) in FIXTURES.items():
-        for split in ("train", "val"):
-            write_jsonl(os.path.join(root, data.TASK_DIRS[task], f"{split}.jsonl"), records)
-        test_records = unlabelled(records, "answers" if task == "record" else "label")
-        write_jsonl(os.path.join(root, data.TASK_DIRS[task], "test.jsonl"), test_records, final_newline=False)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    texts = data.synthetic_texts(300, 0) + [p + c for _, expected in FIXTURES.values() for p, cands, _ in expected
-                                            for c in cands]
-    return data.Tokenizer(data.train_tokenizer(texts, str(tmp_path_factory.mktemp("spm") / "tiny"), 400))
-
-
-@pytest.fixture(scope="module")
-def real_tok():
-    if not os.path.isfile(REAL_TOKENIZER):
-        pytest.skip("../shared/realdata/llama_tokenizer.model is absent")
-    return data.Tokenizer(REAL_TOKENIZER)
-
-
-def answer_part(tok, ids, labels):
-    """Text of the unmasked tokens before the final EOS."""
-    assert labels[-1] == ids[-1] == tok.eos_id
-    return tok.decode([i for i, lab in zip(ids[:-1], labels[:-1]) if lab != data.IGNORE_INDEX])
-
-
-# ------------------------------------------------------------------------------------------------- parsing
-
-@pytest.mark.parametrize("task", data.TASKS)
-def test_parser_templates_and_golds(superglue, task):
-    examples = data.load_task(task.upper(), superglue, "train")  # task names are case-insensitive
-    expected = FIXTURES[task][1]
-    assert [(ex.prompt, ex.candidates, ex.gold) for ex in examples] == expected
-    assert all(ex.task == task for ex in examples)
-
-
-@pytest.mark.parametrize("task", data.TASKS)
-def test_test_split_loads_without_labels(superglue, task):
-    test, train = data.load_task(task, superglue, "test"), data.load_task(task, superglue, "train")
-    assert [ex.gold for ex in test] == [None] * len(train)
-    assert [(ex.prompt, ex.idx) for ex in test] == [(ex.prompt, ex.idx) for ex in train]
-    if task == "record":  # without golds, every distinct entity is a candidate
-        assert test[0].candidates == ["Tracy Morgan", "SNL", "Morgan", "NBC"]
-
-
-def test_multirc_ids_and_groups(superglue):
-    examples = data.load_task("multirc", superglue, "val")
-    assert [ex.idx for ex in examples] == [{"paragraph": 0, "question": 0, "answer": 0},
-                                           {"paragraph": 0, "question": 0, "answer": 1},
-                                           {"paragraph": 0, "question": 1, "answer": 2},
-                                           {"paragraph": 1, "question": 2, "answer": 3}]
-    assert [ex.group for ex in examples] == [(0, 0), (0, 0), (0, 1), (1, 2)]
-
-
-def test_record_keeps_every_gold_answer(superglue):
-    first, second = data.load_task("record", superglue, "val")
-    assert first.answers == ["Tracy Morgan", "Morgan"] and second.answers == ["NBC"]
-    assert first.idx == {"passage": 0, "query": 0} and second.group == 1
-
-
-def test_bad_input_errors(superglue, tmp_path):
-    with pytest.raises(ValueError, match="boolq, cb, copa, multirc, record, rte, wic, wsc"):
-        data.load_task("squad", superglue, "train")
-    with pytest.raises(ValueError, match="train, val, test"):
-        data.load_task("boolq", superglue, "validation")
-    with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(str(tmp_path), "nope", "BoolQ", "train.jsonl"))):
-        data.load_task("boolq", str(tmp_path / "nope"), "train")
-
-    def load_lines(task, lines):
-        path = tmp_path / task / data.TASK_DIRS[task] / "train.jsonl"
-        os.makedirs(path.parent, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in lines))
-        return lambda: data.load_task(task, str(tmp_path / task), "train")
-
-    good = json.dumps(FIXTURES["boolq"][0][0])
-    with pytest.raises(ValueError, match=r"BoolQ.train\.jsonl, line 2: malformed JSON"):
-        load_lines("boolq", [good, '{"question": "x", '])()
-    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: missing field 'question'"):
-        load_lines("boolq", [json.dumps({"passage": "p", "idx": 0, "label": True})])()
-    with pytest.raises(ValueError, match=r"line 1: missing field 'label'"):  # train/val must be labelled
-        load_lines("boolq", [json.dumps({"passage": "p", "question": "q", "idx": 0})])()
-    record = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
-    del record["passage"]["questions"][1]["answers"][0]["text"]
-    with pytest.raises(ValueError, match=r"line 1, passage.questions\[1\].answers\[0\]: missing field 'text'"):
-        load_lines("multirc", [json.dumps(record)])()
-    with pytest.raises(ValueError, match=r"label 'maybe' out of range"):
-        load_lines("cb", [json.dumps(dict(FIXTURES["cb"][0][0], label="maybe"))])()
-    with pytest.raises(ValueError, match=r"label 2 out of range"):
-        load_lines("copa", [json.dumps(dict(FIXTURES["copa"][0][0], label=2))])()
-    record = json.loads(json.dumps(FIXTURES["record"][0][0]))
-    record["passage"]["entities"][0]["end"] = 10_000
-    with pytest.raises(ValueError, match=r"entities\[0\]: span \[0, 10000\]"):
-        load_lines("record", [json.dumps(record)])()
-
-
-def test_tokenizer_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.model"):
-        data.Tokenizer(str(tmp_path / "missing.model"))
-    bad = tmp_path / "notes.model"
-    bad.write_text("not a sentencepiece model")
-    with pytest.raises(ValueError, match="notes.model is not a sentencepiece model"):
-        data.Tokenizer(str(bad))
-
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-
-def test_tiny_tokenizer(tok):
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0) and 300 <= tok.n_words <= 400
-    text = "Is 7 greater than 3? Yes or No?\nAnswer: Yes  é"  # byte fallback encodes the unseen "é"
-    ids = tok.encode(text, bos=True, eos=True)
-    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids[1:-1]) == text
-
-
-def test_real_tokenizer_answer_merge(real_tok):
-    assert (real_tok.n_words, real_tok.bos_id, real_tok.eos_id, real_tok.pad_id) == (32000, 1, 2, 0)
-    assert real_tok.encode("Answer: Yes", bos=False, eos=False) == [673, 29901, 3869]
-    assert real_tok.encode("Answer: ", bos=False, eos=False) == [673, 29901, 29871]  # the lone "▁"
-    ex = data.Example("boolq", 0, "", "Sky -- The sky is blue.", " is the sky blue\nAnswer: ", ["No", "Yes"], 1)
-    ids, labels = data.encode_train(real_tok, ex, 64)
-    assert ids[-3:] == [29901, 3869, 2] and labels[-2:] == [3869, 2]  # ":", "▁Yes", EOS
-    assert labels[:-2] == [data.IGNORE_INDEX] * (len(ids) - 2)
-    for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 64), ex.candidates):
-        assert answer_part(real_tok, ids, labels) == answer
+EXAMPLE = os.path.join(os.path.dirname(__file__), "example.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ encoding
-
-def test_encode_masks_everything_but_answer_and_eos(superglue, tok):
-    for task in data.TASKS:
-        for ex in data.load_task(task, superglue, "train"):
-            ids, labels = data.encode_train(tok, ex, 256)
-            assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) == len(labels)
-            first = next(i for i, lab in enumerate(labels) if lab != data.IGNORE_INDEX)
-            assert labels[first:] == ids[first:] and all(lab == data.IGNORE_INDEX for lab in labels[:first])
-            assert answer_part(tok, ids, labels) == ex.candidates[ex.gold]
-            assert tok.decode(ids[1:-1]) == ex.prompt + ex.candidates[ex.gold]
-            candidates = data.encode_candidates(tok, ex, 256)
-            assert [answer_part(tok, i, lab) for i, lab in candidates] == ex.candidates
-
-
-def test_unlabelled_example_cannot_be_trained(superglue, tok):
-    with pytest.raises(ValueError, match="no label"):
-        data.encode_train(tok, data.load_task("rte", superglue, "test")[0], 256)
-
 
 def test_truncation_cuts_passage_middle_only(tok):
     passage = "START " + "the grass is green and the sky is blue. " * 40 + "FINISH"
@@ -345,75 +94,55 @@ def test_eos_keeps_a_prefix_from_winning(tok):
     assert without_eos[0] > without_eos[1]
 
 
+def sequence_model(probs, n_words):
+    """A rigged causal 'model' that gives each whole token sequence in `probs` its probability: at every position
+    the next token follows the sequences that agree with the tokens so far (every other token gets ~0)."""
+    def logits_fn(tokens):
+        logits = torch.full((*tokens.shape, n_words), -1e4)
+        for b, row in enumerate(tokens.tolist()):
+            for t in range(len(row)):
+                following = collections.Counter()
+                for seq, p in probs.items():
+                    if len(seq) > t + 1 and tuple(row[:t + 1]) == seq[:t + 1]:
+                        following[seq[t + 1]] += p
+                for token, p in following.items():
+                    logits[b, t, token] = math.log(p / sum(following.values()))
+        return logits
+    return logits_fn
+
+
+def test_candidates_starting_with_a_digit_are_scored_without_bias(real_tok):
+    """LLaMA encodes "Answer: " as [..., ':', '▁']; " CNN" absorbs the '▁' ('▁CNN'), "3-D" does not ('▁', '3', ...).
+    Every candidate is scored from the token after ':', as in the official code, so "3-D" pays for its '▁' too:
+    with P(" CNN") = 0.45 and P(" 3-D") = 0.35, CNN wins."""
+    ex = data.Example("record", 0, "", "The 3-D film was shown on CNN.", "\n@placeholder aired it.\nAnswer: ",
+                      ["3-D", "CNN"], 1)
+    assert real_tok.encode(ex.prompt, bos=True, eos=False)[-2:] == [29901, 29871]  # ':', '▁'
+    full = {c: tuple(real_tok.encode(ex.prompt + c, bos=True, eos=True)) for c in ("CNN", "3-D", "BBC")}
+    model = sequence_model({full["CNN"]: 0.45, full["3-D"]: 0.35, full["BBC"]: 0.2}, real_tok.n_words)
+    scores = data.score_candidates(model, real_tok, [ex], 256, batch_size=4)
+    assert scores[0] == pytest.approx([math.log(0.35), math.log(0.45)], abs=1e-4)
+    assert data.predict([ex], scores) == [1]
+
+
+def test_every_candidate_shares_the_prompt_prefix(real_tok):
+    """Digits, CJK characters and emoji do not merge with the '▁' of "Answer: ", words do: all are scored from the
+    same position, and training labels mask exactly what the official `labels[:len(source) - 1]` masks."""
+    ex = data.Example("record", 0, "", "Tokyo got 3-D emoji.", "\nAnswer: ", ["CNN", "3-D", "東京", "🙂", "Yes"], 2)
+    n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1  # the official rule
+    encoded = data.encode_candidates(real_tok, ex, 256)
+    for (ids, labels), answer in zip(encoded, ex.candidates):
+        assert labels == [data.IGNORE_INDEX] * n + ids[n:] and ids[:n] == encoded[0][0][:n]
+        assert answer_part(real_tok, ids, labels) == answer
+    assert [ids[n] for ids, _ in encoded].count(29871) == 3  # the lone '▁' is scored for 3-D, 東京 and 🙂
+    assert data.encode_train(real_tok, ex, 256) == encoded[2]
+
+
 def test_candidate_batches_keep_examples_whole():
     assert data.candidate_batches([2, 2, 3, 1, 5], 4) == [[0, 1], [2, 3], [4]]
 
 
-# ------------------------------------------------------------------------------------------------- metrics
-
-def make(task, gold, candidates=("No", "Yes"), group=None, answers=()):
-    return data.Example(task, 0, "", "", "", list(candidates), gold, group=group, answers=list(answers))
-
-
-def test_accuracy_and_cb_macro_f1():
-    golds, preds = [0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2]
-    metrics = data.compute_metrics("CB", [make("cb", g, ["Yes", "No", "Maybe"]) for g in golds], preds)
-    # per class F1 = 2TP / (2TP + FP + FN): class 0: 2/4, class 1: 2/3, class 2: 4/5
-    assert metrics == pytest.approx({"accuracy": 4 / 6, "f1": (1 / 2 + 2 / 3 + 4 / 5) / 3})
-
-
-def test_multirc_f1a_and_exact_match():
-    golds, groups = [1, 0, 1, 0, 1], ["q1", "q1", "q1", "q2", "q2"]
-    preds = [1, 0, 1, 1, 1]  # q1 all right, q2 one wrong; TP=3, FP=1, FN=0
-    metrics = data.compute_metrics("multirc", [make("multirc", g, group=q) for g, q in zip(golds, groups)], preds)
-    assert metrics == pytest.approx({"accuracy": 4 / 5, "f1a": 6 / 7, "em": 1 / 2})
-
-
-def test_record_f1_and_em_take_max_over_golds():
-    examples = [make("record", 0, ["Tracy Morgan", "NBC", "the Morgan family"], answers=["Tracy Morgan", "Morgan"]),
-                make("record", 1, ["SNL", "The NBC!"], answers=["NBC"])]
-    # "morgan family" vs "morgan": P=1/2, R=1 -> F1 2/3 (vs "tracy morgan": 1/2); "nbc" == "nbc" after normalising
-    metrics = data.compute_metrics("record", examples, [2, 1])
-    assert metrics == pytest.approx({"accuracy": 1 / 2, "f1": (2 / 3 + 1) / 2, "em": 1 / 2})
-
-
-def test_metrics_refuse_unlabelled(superglue):
-    with pytest.raises(ValueError, match="no label"):
-        data.compute_metrics("rte", data.load_task("rte", superglue, "test"), [0, 0])
-
-
-def test_write_predictions_submission_format(superglue, tmp_path):
-    def written(task, preds):
-        path = data.write_predictions(task, data.load_task(task, superglue, "test"), preds, str(tmp_path))
-        assert os.path.basename(path) == data.TASK_DIRS[task] + ".jsonl"
-        return [json.loads(line) for line in open(path)]
-
-    assert written("boolq", [1, 0]) == [{"idx": 0, "label": "true"}, {"idx": 1, "label": "false"}]
-    assert written("cb", [2, 0, 1]) == [{"idx": 0, "label": "neutral"}, {"idx": 1, "label": "entailment"},
-                                        {"idx": 2, "label": "contradiction"}]
-    assert written("copa", [1, 0]) == [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]
-    assert written("rte", [1, 0]) == [{"idx": 0, "label": "not_entailment"}, {"idx": 1, "label": "entailment"}]
-    assert written("wic", [1]) == [{"idx": 0, "label": "true"}]
-    assert written("wsc", [0, 1]) == [{"idx": 0, "label": "False"}, {"idx": 1, "label": "True"}]
-    assert written("record", [3, 1]) == [{"idx": 0, "label": "NBC"}, {"idx": 1, "label": "SNL"}]
-    assert written("multirc", [1, 0, 1, 1]) == [
-        {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]},
-                                             {"idx": 1, "answers": [{"idx": 2, "label": 1}]}]}},
-        {"idx": 1, "passage": {"questions": [{"idx": 2, "answers": [{"idx": 3, "label": 1}]}]}}]
-    assert sorted(os.listdir(tmp_path)) == sorted(f"{data.TASK_DIRS[t]}.jsonl" for t in data.TASKS)  # no temp left
-
-
-# ------------------------------------------------------------------------------------- sampling and batches
-
-def test_sample_examples_takes_whole_groups():
-    examples = [make("multirc", i % 2, group=i // 3) for i in range(30)]  # 10 questions of 3 answers
-    sample = data.sample_examples(examples, 7, seed=0)
-    groups = [ex.group for ex in sample]
-    assert len(sample) == 9 and all(groups.count(g) == 3 for g in groups)
-    assert [ex.group for ex in data.sample_examples(examples, 7, seed=0)] == groups
-    assert {tuple(ex.group for ex in data.sample_examples(examples, 7, seed=s)) for s in range(5)} != {tuple(groups)}
-    assert data.sample_examples(examples, 30, seed=0) == examples
-
+# ---------------------------------------------------------------------------------- batches and the demo task
 
 def test_epoch_batches_cover_every_index_once():
     n, batch_size, world = 23, 3, 4
@@ -439,51 +168,85 @@ def test_synthetic_task_golds_are_true(tok):
         truth = int(a) > int(b) if relation == "greater" else int(a) < int(b)
         assert ex.task == "synthetic" and ex.candidates[ex.gold] == ("Yes" if truth else "No")
     assert 60 < sum(ex.gold for ex in examples) < 140
-    assert data.compute_metrics("synthetic", examples, [ex.gold for ex in examples]) == {"accuracy": 1.0}
+    assert superglue.compute_metrics("synthetic", examples, [ex.gold for ex in examples]) == {"accuracy": 1.0}
     ids, labels = data.encode_train(tok, examples[0], 32)
     assert answer_part(tok, ids, labels) == examples[0].candidates[examples[0].gold]
 
 
-# ----------------------------------------------------------------------------------------------- real data
+# --------------------------------------------------------------------------------------------- your own data
 
-def raw_records(task, split):
-    with open(os.path.join(REAL_SUPERGLUE, data.TASK_DIRS[task], f"{split}.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def test_jsonl_rows(tmp_path):
+    examples = data.load_jsonl(EXAMPLE)
+    rows = [json.loads(line) for line in open(EXAMPLE, encoding="utf-8")]
+    assert len(examples) == len(rows) == 10
+    for ex, row, line_no in zip(examples, rows, range(1, 11)):
+        assert ex.prompt == row["prompt"] and ex.idx == f"{EXAMPLE}, line {line_no}"
+        assert (ex.candidates, ex.gold) == ((row["candidates"], row["label"]) if "candidates" in row
+                                            else ([row["completion"]], 0))
+
+    def load(*lines):
+        path = tmp_path / "val.jsonl"
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return data.load_jsonl(str(path))
+
+    good = '{"prompt": "p", "completion": "c"}'
+    for row, message in [
+        ('{"prompt": null, "completion": "c"}', "field 'prompt' is null; it must be text"),
+        ('{"prompt": "p", "completion": 5}', "field 'completion' is 5; it must be text"),
+        ('{"prompt": "p"}', 'expected an object with "prompt" and either "completion", or "candidates" and "label"'),
+        ('{"prompt": "p", "completion": "c", "candidates": ["a", "b"], "label": 0}', "either"),
+        ('["p", "c"]', "expected an object"),
+        ('{"prompt": "p", "candidates": ["a"], "label": 0}', "field 'candidates' must be a list of at least 2 texts"),
+        ('{"prompt": "p", "candidates": ["a", null], "label": 0}', r"candidates\[1\] is null; it must be text"),
+        ('{"prompt": "p", "candidates": ["a", "b"], "label": 2}', "field 'label' is 2; it must be the index"),
+        ('{"prompt": "p", "candidates": ["a", "b"], "label": true}', "field 'label' is true"),
+        ('{"prompt": "p", "candidates": ["a", "b"]}', "field 'label' is null"),
+        ('{"prompt": "\\udc00", "completion": "c"}', "field 'prompt' holds a lone surrogate"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "val.jsonl")) + ", line 3: .*" + message):
+            load(good, "", row)
+    with pytest.raises(ValueError, match="val.jsonl holds no examples"):
+        load("", " ")
+    with pytest.raises(FileNotFoundError, match="--task jsonl needs train.jsonl and val.jsonl"):
+        data.load_jsonl(str(tmp_path / "train.jsonl"))
 
 
-EXPECTED_GOLD = {  # raw record -> gold candidate index, written independently of data.py
-    "boolq": lambda r: ["No", "Yes"].index("Yes" if r["label"] else "No"),
-    "cb": lambda r: ["Yes", "No", "Maybe"].index({"entailment": "Yes", "contradiction": "No",
-                                                  "neutral": "Maybe"}[r["label"]]),
-    "copa": lambda r: r["label"],
-    "rte": lambda r: ["Yes", "No"].index("Yes" if r["label"] == "entailment" else "No"),
-    "wic": lambda r: int(r["label"]),
-    "wsc": lambda r: int(r["label"]),
-}
+def reference_metrics(net, tok, rows):
+    """Mean NLL per target token of the gold answers, and accuracy over the rows with candidates, computed here
+    from the model's logits: the targets of an answer are its tokens that differ from the prompt's own encoding
+    and the EOS, from a position shared by all the candidates of a row."""
+    nll, n_tokens, right, choices = 0.0, 0, 0, 0
+    for row in rows:
+        answers = row.get("candidates", [row.get("completion")])
+        gold = row.get("label", 0)
+        prompt_ids = tok.encode(row["prompt"], bos=True, eos=False)
+        seqs = [tok.encode(row["prompt"] + a, bos=True, eos=True) for a in answers]
+        start = min(next(i for i, (a, b) in enumerate(zip(prompt_ids + [None], ids)) if a != b) for ids in seqs)
+        logprobs = []
+        for ids in seqs:
+            with torch.no_grad():
+                logits = net(torch.tensor([ids]))[0].float().log_softmax(-1)
+            logprobs.append(sum(logits[t - 1, ids[t]].item() for t in range(start, len(ids))))
+        nll -= logprobs[gold]
+        n_tokens += len(seqs[gold]) - start
+        if len(answers) > 1:
+            choices += 1
+            right += max(range(len(answers)), key=logprobs.__getitem__) == gold
+    return {"nll": nll / n_tokens, "perplexity": math.exp(nll / n_tokens), "accuracy": right / choices}
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_real_superglue_files(real_tok, split):
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
-    for task in data.TASKS:
-        examples, raw = data.load_task(task, REAL_SUPERGLUE, split), raw_records(task, split)
-        if task in EXPECTED_GOLD:
-            assert [ex.gold for ex in examples] == [EXPECTED_GOLD[task](r) for r in raw]
-            assert [ex.idx for ex in examples] == [r["idx"] for r in raw]
-        elif task == "multirc":
-            answers = [a for r in raw for q in r["passage"]["questions"] for a in q["answers"]]
-            assert [ex.gold for ex in examples] == [a["label"] for a in answers]
-        else:  # record: one example per query; its gold candidate is the first gold answer
-            queries = [q for r in raw for q in r["qas"]]
-            assert [ex.idx["query"] for ex in examples] == [q["idx"] for q in queries]
-            for ex, q in zip(examples, queries):
-                assert ex.candidates[ex.gold] == q["answers"][0]["text"] == ex.answers[0]
-                assert len(set(ex.candidates)) == len(ex.candidates) and "@highlight" not in ex.prompt
-        for ex in examples[:4]:
-            assert ex.prompt.endswith("Answer: ") or task == "copa"
-            for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 256), ex.candidates):
-                assert len(ids) <= 256 and answer_part(real_tok, ids, labels) == answer
-    if split == "val":  # "Morgan" is gold too, so it is dropped from the candidates
-        tracy = data.load_task("record", REAL_SUPERGLUE, "val")[0]
-        assert tracy.answers == ["Tracy Morgan", "Morgan"] and "Morgan" not in tracy.candidates
+def test_jsonl_task_trains_and_reports_nll_perplexity_accuracy(tmp_path, tok, tok_path):
+    for split in ("train", "val"):
+        shutil.copy(EXAMPLE, tmp_path / f"{split}.jsonl")
+    flags = ["--task", "jsonl", "--data-dir", str(tmp_path), "--tokenizer", tok_path, "--max-len", "128"]
+    before = train.main(flags + ["--epochs", "0", "--save-dir", str(tmp_path / "zero")])
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": tok.n_words})
+    net = model.Transformer(margs)
+    model.init_weights(net, seed=42)  # train.py's random model for --seed 42
+    rows = [json.loads(line) for line in open(EXAMPLE, encoding="utf-8")]
+    assert before == pytest.approx(reference_metrics(net, tok, rows), rel=1e-4)
+    after = train.main(flags + ["--epochs", "5", "--batch-size", "10", "--save-dir", str(tmp_path / "five")])
+    assert set(after) == {"nll", "perplexity", "accuracy"} and after["nll"] < before["nll"]
+    with pytest.raises(SystemExit):
+        train.parse_args(flags + ["--predict"])
+

@@ -728,9 +728,9 @@ class _InfRows(torch.autograd.Function):
         return grad, grad_weight
 
 
-def _tiny_llama():
+def _tiny_llama(**kw):
     from model import ModelArgs
-    return ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32, multiple_of=16, max_seq_len=16)
+    return ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32, multiple_of=16, max_seq_len=16, **kw)
 
 
 def _units_agree_worker(rank, world):
@@ -738,13 +738,13 @@ def _units_agree_worker(rank, world):
     from model import cross_entropy, random_weights
     from torch.distributed.device_mesh import init_device_mesh
 
-    args = _tiny_llama()
-    weights = dict(random_weights(args, seed=0))
-    tokens = torch.randint(args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(rank))
-    for sharding in ("own", "fsdp2"):
+    tokens = torch.randint(32, (2, 8), generator=torch.Generator().manual_seed(rank))
+    for sharding, tied in (("own", False), ("own", True), ("fsdp2", False)):
+        args = _tiny_llama(tie_embeddings=tied)  # tied: the output head is a second unit over the embedding
+        weights = dict(random_weights(args, seed=0))
         if sharding == "own":
             model = shard.ShardedTransformer(args)
-            output = model.head.module.output
+            output = model.output.module if tied else model.head.module.output
         else:
             model = shard.fsdp2_transformer(args, init_device_mesh("cpu", (world,)))
             output = model.output

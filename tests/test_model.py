@@ -1,5 +1,5 @@
-"""model.py against independent references: the parameter counts published for LLaMA / Llama 2, RoFormer's
-complex-number RoPE and an unfused block written here."""
+"""model.py against independent references: the parameter counts published for LLaMA / Llama 2 / Llama 3,
+RoFormer's complex-number RoPE, Meta's Llama 3.1 RoPE scaling loop, and an unfused block written here."""
 import dataclasses
 import math
 
@@ -21,8 +21,7 @@ def random_model(args=None, seed=0):
 
 
 def same_architecture(a, b):
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta")
-    return all(getattr(a, f) == getattr(b, f) for f in fields)
+    return a.architecture() == b.architecture()
 
 
 def assert_same_state(a, b):
@@ -37,7 +36,11 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("name, ffn, count", [  # counts as published for LLaMA / Llama 2 (32,000-token vocab)
     ("7b", 11008, 6_738_415_616), ("13b", 13824, 13_015_864_320), ("30b", 17920, 32_528_943_616),
     ("65b", 22016, 65_285_660_672), ("llama2-7b", 11008, 6_738_415_616),
-    ("llama2-13b", 13824, 13_015_864_320), ("llama2-70b", 28672, 68_976_648_192)])
+    ("llama2-13b", 13824, 13_015_864_320), ("llama2-70b", 28672, 68_976_648_192),
+    # Llama 3 (128,256-token vocab; the 3.2 models tie the output layer to the embedding: counted once)
+    ("llama3-8b", 14336, 8_030_261_248), ("llama3-70b", 28672, 70_553_706_496),
+    ("llama3.1-8b", 14336, 8_030_261_248), ("llama3.1-70b", 28672, 70_553_706_496),
+    ("llama3.2-1b", 8192, 1_235_814_400), ("llama3.2-3b", 8192, 3_212_749_824)])
 def test_preset_parameter_counts(name, ffn, count):
     args = M.ModelArgs.from_name(name)
     assert args.hidden_dim == ffn
@@ -49,8 +52,23 @@ def test_preset_parameter_counts(name, ffn, count):
         assert model.layers[0].attention.wk.weight.shape == (8 * 128, 8192)
 
 
+def test_llama3_presets_follow_the_release_table():
+    for name, factor, tied, context in [("llama3-8b", None, False, 8192), ("llama3-70b", None, False, 8192),
+                                        ("llama3.1-8b", 8, False, 131072), ("llama3.1-70b", 8, False, 131072),
+                                        ("llama3.2-1b", 32, True, 131072), ("llama3.2-3b", 32, True, 131072)]:
+        a = M.ModelArgs.from_name(name)
+        assert (a.vocab_size, a.kv_heads, a.rope_theta, a.norm_eps) == (128256, 8, 500000.0, 1e-5), name
+        assert (a.tie_embeddings, a.max_seq_len) == (tied, context), name
+        assert a.rope_scaling == (None if factor is None else M.RopeScaling(factor, 1.0, 4.0, 8192)), name
+    with torch.device("meta"):
+        tied = M.Transformer(M.ModelArgs.from_name("llama3.2-1b"))
+    assert tied.output is None and "output.weight" not in M.param_shapes(tied.args)
+
+
 def test_presets_and_names():
-    assert set(M.MODEL_NAMES) >= {"7b", "13b", "30b", "65b", "llama2-7b", "llama2-13b", "llama2-70b", "tiny"}
+    assert set(M.MODEL_NAMES) >= {"7b", "13b", "30b", "65b", "llama2-7b", "llama2-13b", "llama2-70b", "tiny",
+                                  "llama3-8b", "llama3-70b", "llama3.1-8b", "llama3.1-70b", "llama3.2-1b",
+                                  "llama3.2-3b"}
     assert M.ModelArgs.from_name("65b").norm_eps == 1e-5 and M.ModelArgs.from_name("7b").norm_eps == 1e-6
     assert tiny().kv_heads < tiny().n_heads  # the tiny model exercises GQA
     with pytest.raises(ValueError, match="7b.*tiny"):
@@ -93,6 +111,36 @@ def test_rope_matches_roformer_complex_formulation():
                                roformer_rotate(x[0, :, 0], theta=500000.0), rtol=1e-5, atol=1e-5)
 
 
+def meta_apply_scaling(freqs, factor, low=1.0, high=4.0, old_context=8192):
+    """Meta's first apply_scaling (llama-models, Llama 3.1 release), written as its per-frequency loop."""
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            out.append(freq)
+        elif wavelen > old_context / low:
+            out.append(freq / factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("head_dim, factor", [(128, 8.0), (64, 32.0)])  # Llama 3.1 8B, Llama 3.2 1B
+def test_llama3_rope_scaling_matches_meta_loop(head_dim, factor):
+    T = 64
+    scaling = M.RopeScaling(factor)
+    freqs = M.precompute_freqs_cis(head_dim, T, 500000.0, scaling=scaling)
+    plain = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    expected = meta_apply_scaling(plain, factor)
+    assert (expected < plain.double()).any() and (expected == plain.double()).any()  # both regimes are hit
+    assert ((expected > plain.double() / factor) & (expected < plain.double())).any()  # and the band between
+    torch.testing.assert_close(M.llama3_scaled(plain, scaling).double(), expected, rtol=1e-6, atol=0)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * expected[None]
+    torch.testing.assert_close(freqs, torch.polar(torch.ones_like(angles), angles).to(torch.complex64),
+                               rtol=0, atol=5e-5)
+
+
 def reference_block(block, x, args):
     """A LLaMA block from the formulas, unfused: RMSNorm, RoPE (RoFormer), GQA by repeating kv heads,
     explicitly masked softmax attention, SwiGLU."""
@@ -120,10 +168,13 @@ def reference_block(block, x, args):
 
 
 @torch.no_grad()
-def test_block_matches_unfused_reference():
-    args = tiny(rope_theta=1000.0)
+@pytest.mark.parametrize("overrides", [{}, {"explicit_head_dim": 24}])  # 4 heads of 24 in a dim-64 model
+def test_block_matches_unfused_reference(overrides):
+    args = tiny(rope_theta=1000.0, **overrides)
     model = random_model(args)
     block, x = model.layers[0], torch.randn(1, 10, args.dim)
+    assert block.attention.wq.weight.shape == (args.n_heads * args.head_dim, args.dim)
+    assert block.attention.wo.weight.shape == (args.dim, args.n_heads * args.head_dim)
     ours = block(x, M.precompute_freqs_cis(args.head_dim, 10, args.rope_theta))
     torch.testing.assert_close(ours[0], reference_block(block, x[0], args), rtol=1e-4, atol=1e-5)
 
@@ -172,6 +223,36 @@ def test_checkpointing_gives_same_loss_and_gradients():
         torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-6, atol=1e-8)
 
 
+def test_tied_model_has_one_weight_whose_hook_sees_both_gradients_summed():
+    """A tied model against an untied one whose output layer holds a copy of the embedding: same logits, and
+    the tied weight's gradient is the sum of the untied pair's, delivered to its hook once per backward pass."""
+    tied = random_model(tiny(tie_embeddings=True))
+    untied = M.Transformer(tiny())
+    state = tied.state_dict()
+    untied.load_state_dict({**state, "output.weight": state["tok_embeddings.weight"].clone()})
+    assert "output.weight" not in state and len(list(tied.parameters())) == len(list(untied.parameters())) - 1
+    tokens = torch.randint(0, 512, (2, 12))
+    calls = []
+    tied.tok_embeddings.weight.register_post_accumulate_grad_hook(lambda p: calls.append(p.grad.clone()))
+    for model in (tied, untied):
+        M.cross_entropy(model(tokens), tokens).backward()
+    assert len(calls) == 1
+    summed = untied.tok_embeddings.weight.grad + untied.output.weight.grad
+    torch.testing.assert_close(calls[0], summed, rtol=1e-5, atol=1e-7)
+    assert (untied.output.weight.grad.abs().sum() > 0) and (untied.tok_embeddings.weight.grad.abs().sum() > 0)
+    with torch.no_grad():
+        torch.testing.assert_close(tied(tokens), untied(tokens), rtol=0, atol=0)
+
+
+def test_architecture_ignores_how_the_ffn_width_is_spelled():
+    meta_rule = M.ModelArgs.from_name("llama3-8b")
+    explicit = dataclasses.replace(meta_rule, multiple_of=256, ffn_dim_multiplier=None, ffn_hidden_dim=14336)
+    assert meta_rule != explicit and meta_rule.architecture() == explicit.architecture()
+    assert dataclasses.replace(meta_rule, max_seq_len=4).architecture() == meta_rule.architecture()
+    for change in ({"tie_embeddings": True}, {"rope_scaling": M.RopeScaling(8.0)}, {"explicit_head_dim": 64}):
+        assert dataclasses.replace(meta_rule, **change).architecture() != meta_rule.architecture(), change
+
+
 def test_cross_entropy_shifts_ignores_and_uses_fp32():
     logits = torch.randn(2, 5, 7).bfloat16()
     labels = torch.tensor([[-100, 3, 1, -100, 6], [2, -100, -100, 0, 5]])
@@ -199,3 +280,7 @@ def test_init_weights_is_deterministic():
     assert_same_state(a, b)
     assert not torch.equal(a.output.weight, c.output.weight)
     assert torch.equal(a.norm.weight, torch.ones(64))
+    tied = random_model(tiny(tie_embeddings=True), seed=3)  # the same draws, less the output layer's
+    assert list(tied.state_dict()) == [n for n in a.state_dict() if n != "output.weight"]
+    for name, t in tied.state_dict().items():
+        assert torch.equal(t, a.state_dict()[name]), name

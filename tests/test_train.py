@@ -1,5 +1,6 @@
 """train.py and shard.py end to end: 2 gloo ranks against 1 process, FSDP2 against the hand-written sharding,
 resumption, export, loading, the dry-run planner, the demo, and bad input."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import model
 import plan
 import train
 from dist_utils import run_workers
+from tokenizer import open_tokenizer, train_tokenizer
 
 # 9 training examples in global batches of 8: the last global batch holds 1 example, so one of 2 ranks runs
 # dropped padding work. 5 evaluation examples do not divide over 2 ranks either.
@@ -22,7 +24,7 @@ SMALL = ["--train-samples", "9", "--epochs", "2", "--eval-samples", "5", "--max-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    return data.train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
+    return train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
 
 
 def metrics(save_dir):
@@ -96,12 +98,69 @@ def test_fsdp2_equals_hand_written_sharding(runs):
         torch.testing.assert_close(pf[key], po[key], atol=1e-5, rtol=0, msg=key)
 
 
+def _tied_worker(rank, world, argv_list, tokenizer, margs_dict):
+    """Tied runs on 2 ranks, then: a tied model's random init is the same on every backend."""
+    for argv in argv_list:
+        train.main(argv)
+    margs = model.ModelArgs(**margs_dict)
+    reference = model.Transformer(margs)
+    model.init_weights(reference, seed=7)
+    args = train.parse_args(["--tokenizer", tokenizer, "--seed", "7"])
+    for sharding in ("own", "fsdp2"):
+        args.sharding = sharding
+        net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
+        rows = train.shard.local_rows(net)
+        tensors = train.shard.local_tensors(net)
+        assert sorted(tensors) == sorted(reference.state_dict()), sharding  # no output.weight
+        for name, local in tensors.items():
+            start, stop = rows[name]
+            assert torch.equal(local, reference.state_dict()[name][start:stop]), (sharding, name)
+
+
+def test_tied_model_trains_alike_on_1_and_2_ranks_and_exports(tokenizer, tmp_path):
+    """A tied checkpoint (the Llama 3.2 1B / 3B layout) trained by 1 process and by 2 ranks with each sharding:
+    the same losses and weights. With --clip-grad-norm LOMO runs two backward passes, and the tied weight's hook
+    must see both uses' gradients summed, once per pass, in each. The export loads in transformers."""
+    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=open_tokenizer(tokenizer).n_words,
+                                tie_embeddings=True)
+    net = model.Transformer(margs)
+    model.init_weights(net, seed=5)
+    checkpoint.save_model(net, tmp_path / "ckpt", format="hf")
+    common = SMALL + ["--tokenizer", tokenizer, "--ckpt", str(tmp_path / "ckpt"), "--clip-grad-norm", "1.0"]
+    configs = {"own-block": [], "own-linear": ["--shard-unit", "linear"], "fsdp2": ["--sharding", "fsdp2"]}
+    two = [common + flags + ["--batch-size", "4", "--save-dir", str(tmp_path / name)]
+           for name, flags in configs.items()]
+    two[0] += ["--export", str(tmp_path / "export"), "--export-format", "hf"]
+    run_workers(_tied_worker, two, tokenizer, margs.__dict__)
+    run(common + ["--batch-size", "8", "--save-dir", str(tmp_path / "one")])
+    (loss1, val1), p1 = metrics(tmp_path / "one"), final_params(tmp_path / "one")
+    assert "output.weight" not in p1 and len(loss1) == 4
+    for name in configs:
+        loss2, val2 = metrics(tmp_path / name)
+        assert [r["loss"] for r in loss2] == pytest.approx([r["loss"] for r in loss1], abs=1e-5), name
+        assert [r["grad_norm"] for r in loss2] == pytest.approx([r["grad_norm"] for r in loss1], rel=1e-5), name
+        assert val2 == val1, name
+        p2 = final_params(tmp_path / name)
+        assert p2.keys() == p1.keys()
+        for key in p1:
+            torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+    exported = checkpoint.load_model(tmp_path / "export")
+    assert exported.args.tie_embeddings
+    for key, value in final_params(tmp_path / "own-block").items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tokens = torch.randint(0, margs.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens), reference(tokens).logits.float(), atol=1e-4, rtol=0)
+
+
 def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
     """Score 5 examples over 2 ranks (3 + 2): the result must equal scoring each example alone."""
     margs = model.ModelArgs(**margs_dict)
     args = train.parse_args(["--tokenizer", tokenizer, "--batch-size", "2", "--max-len", "48"])
     net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-    tok = data.Tokenizer(tokenizer)
+    tok = open_tokenizer(tokenizer)
     examples = data.synthetic_task(5, seed=7)
     scores = train.evaluate(net, tok, examples, args, rank, world, torch.device("cpu"))
     reference = model.Transformer(margs)
@@ -113,7 +172,7 @@ def _uneven_eval_worker(rank, world, tokenizer, margs_dict):
 
 def test_uneven_eval_scores_every_example_once(tokenizer):
     margs = model.ModelArgs.from_name("tiny")
-    margs_dict = {**margs.__dict__, "vocab_size": data.Tokenizer(tokenizer).n_words}
+    margs_dict = {**margs.__dict__, "vocab_size": open_tokenizer(tokenizer).n_words}
     run_workers(_uneven_eval_worker, tokenizer, margs_dict)
 
 
@@ -152,7 +211,7 @@ def test_export_round_trips_in_both_formats(tokenizer, tmp_path):
 
 def _load_worker(rank, world, ckpt, tokenizer):
     args = train.parse_args(["--ckpt", ckpt, "--tokenizer", tokenizer])
-    margs = train.model_args(args, data.Tokenizer(tokenizer))
+    margs = train.model_args(args, open_tokenizer(tokenizer))
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
         net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
@@ -165,13 +224,19 @@ def _load_worker(rank, world, ckpt, tokenizer):
 
 def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
     margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__,
-                               "vocab_size": data.Tokenizer(tokenizer).n_words})
+                               "vocab_size": open_tokenizer(tokenizer).n_words})
     net = model.Transformer(margs)
     model.init_weights(net, seed=3)
     checkpoint.save_model(net, tmp_path / "ckpt", format="meta", n_shards=2)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("consolidated.*")) == ["consolidated.00.pth",
                                                                                   "consolidated.01.pth"]
     run_workers(_load_worker, str(tmp_path / "ckpt"), tokenizer)
+
+
+def test_dry_run_of_a_llama3_preset(capsys):
+    train.main(["--model", "llama3.2-1b", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "model llama3.2-1b: 1,235,814,400 parameters" in out and "lomo" in out
 
 
 def test_dry_run_matches_paper_table_1(capsys):
@@ -235,6 +300,15 @@ def test_checkpoint_that_does_not_match_the_model(tokenizer, tmp_path):
         train.main(["--model", "7b", "--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
     with pytest.raises(SystemExit, match="the tokenizer has 320 tokens"):
         train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
+
+
+def test_embedding_padded_beyond_the_tokenizer_is_accepted(tokenizer, tmp_path):
+    """Many checkpoints pad their vocabulary (e.g. to a multiple of 64): the extra rows are never a target."""
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 336})
+    checkpoint.save_model(model.Transformer(margs), tmp_path / "ckpt")
+    metrics = train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer, "--epochs", "0",
+                          "--eval-samples", "4", "--save-dir", str(tmp_path / "run")])
+    assert 0 <= metrics["accuracy"] <= 1
 
 
 def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
