@@ -708,11 +708,6 @@ def test_stochastic_rounding_keeps_every_nan_a_nan():
 
 # ---- distributed: the same rule on every rank, empty shards, sync counts (issues 9.2, 9.3, 10.1, 12.2) ---------
 
-def test_fsdp2_with_empty_shards_equals_single_process():
-    """3 ranks, a layer of 2 rows: FSDP2's chunking leaves rank 2 without rows (AdaLomo crashed there)."""
-    run_workers(_fsdp2_both, world_size=3)
-
-
 class _InfRows(torch.autograd.Function):
     """Identity on a layer's output; adds inf to row 0 of the layer's weight gradient (rank 0's rows only)."""
 
@@ -769,9 +764,15 @@ def _units_agree_worker(rank, world):
         opt.remove_hooks()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_ranks_agree_on_a_nonfinite_gradient_in_one_ranks_rows(world):
-    run_workers(_units_agree_worker, world_size=world)
+def _three_ranks(rank, world):
+    _fsdp2_both(rank, world)
+    _units_agree_worker(rank, world)
+
+
+def test_three_ranks_empty_shards_and_agreement_on_a_nonfinite_gradient():
+    """One set of 3 processes: FSDP2 with a layer of 2 rows (rank 2 holds none; AdaLomo crashed there) against one
+    process, then the agreement of _units_agree_worker."""
+    run_workers(_three_ranks, world_size=3)
 
 
 def _sync_count_worker(rank, world):
@@ -809,8 +810,13 @@ def _sync_count_worker(rank, world):
         dist.all_reduce = all_reduce
 
 
-def test_sharded_step_syncs_once_and_reduces_once_per_unit():
-    run_workers(_sync_count_worker)
+def _two_ranks(rank, world):
+    _units_agree_worker(rank, world)
+    _sync_count_worker(rank, world)
+
+
+def test_two_ranks_agree_on_a_nonfinite_gradient_and_sync_once_per_step():
+    run_workers(_two_ranks)
 
 
 # ---- torch.compile (issue 9.4) -----------------------------------------------------------------------------
