@@ -311,14 +311,14 @@ def train_step(args, model, opt, tokens, labels, world):
 @torch.no_grad()
 def evaluate(model, tok, examples, args, rank, world, device):
     """Score every candidate of every example (each rank a slice), gather the scores. Every rank runs the same
-    number of forward passes: a rank with fewer batches runs dropped batches of padding."""
+    number of forward passes: a rank with fewer batches runs dropped one-token passes."""
     mine = list(range(rank, len(examples), world))
-    batches = data.candidate_batches([len(examples[i].candidates) for i in mine], args.batch_size)
-    n_forwards = int(all_reduce(len(batches), world, dist.ReduceOp.MAX))
-    logits_fn = lambda tokens: model(tokens.to(device))  # noqa: E731
+    n_batches = data.count_scoring_batches(sum(len(examples[i].candidates) for i in mine), args.batch_size)
+    n_forwards = int(all_reduce(n_batches, world, dist.ReduceOp.MAX))
+    logits_fn = lambda tokens, logits_at: model(tokens.to(device), logits_at.to(device))  # noqa: E731
     scores = data.score_candidates(logits_fn, tok, [examples[i] for i in mine], args.max_len, args.batch_size)
-    for _ in range(n_forwards - len(batches)):
-        data.score_candidates(logits_fn, tok, examples[:1], args.max_len, args.batch_size)  # dropped
+    for _ in range(n_forwards - n_batches):  # dropped: the other ranks' forward passes need this rank's collectives
+        logits_fn(torch.tensor([[tok.bos_id]]), torch.tensor([0]))
     gathered = [(i, s) for i, s in zip(mine, scores)]
     if world > 1:
         everyone = [None] * world
