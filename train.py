@@ -5,19 +5,19 @@
         --task boolq --data-dir <SuperGLUE dir>       # the paper's 65B setting
     python train.py --model 7b --dry-run              # memory plan, as the paper's Table 1
 
-Fused updates leave no gradient to accumulate, so there is no gradient accumulation: the effective batch is
---batch-size x the number of ranks. The loss of a step is the mean over the answer tokens of the whole global
-batch, so 1 rank and N ranks compute the same step.
+Fused updates leave no gradient to accumulate, so there is no gradient accumulation: the global batch is
+--batch-size (per rank, as in the official config) x the number of ranks; the demo's default is a global batch of
+16, split over the ranks. The loss of a step is the mean over the answer tokens of the whole global batch, so
+1 rank and N ranks compute the same step.
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
-import json
 import math
 import os
 import random
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,35 +27,47 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import plan
+import rundir
 import shard
 import superglue
 from lomo import LOMO, AdaLomo
-from checkpoint import HFWriter, MetaWriter, open_checkpoint
+from checkpoint import open_checkpoint
 from formats import CheckpointError, meta_params
-from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, param_shapes, random_weights
-from plan import print_plan
+from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, random_weights
 from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
-# The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU.
+# The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU; its batch is
+# DEMO_GLOBAL_BATCH split over the ranks, so that any number of ranks dividing it trains the same steps.
 # --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
 # --task jsonl (your own data): the SuperGLUE settings, on every row of the files.
 DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000,
                               warmup_ratio=0.1, clip_grad_norm=1.0, max_len=1024),
             "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, eval_samples=1000,
                             warmup_ratio=0.1, clip_grad_norm=0.0, max_len=1024),  # shared/design/sharded-step.md
-            "synthetic": dict(lr=0.3, epochs=2, batch_size=16, train_samples=20000, eval_samples=1000,
-                              warmup_ratio=0.0, clip_grad_norm=0.0, max_len=64)}
+            "synthetic": dict(lr=0.3, epochs=2, train_samples=20000, eval_samples=1000, warmup_ratio=0.0,
+                              clip_grad_norm=0.0, max_len=64)}
 DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
+DEMO_GLOBAL_BATCH = 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default; those that depend on the task (None here) are listed in the epilog."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Unset flags take the defaults of the official LOMO config for SuperGLUE "
-                                "tasks and --task jsonl, and of the CPU demo for --task synthetic: "
-                                + json.dumps(DEFAULTS))
+    by_task = "; ".join(f"{kind}: " + ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}"
+                                                for k, v in flags.items()) for kind, flags in DEFAULTS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown,
+                                epilog=f"Defaults that depend on the task (the official LOMO config for SuperGLUE "
+                                f"and jsonl, the CPU demo for synthetic): {by_task}; the demo's --batch-size is "
+                                f"{DEMO_GLOBAL_BATCH} / the number of ranks.")
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or their "
@@ -72,25 +84,28 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
     p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
                    help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--epochs", type=int, help="0 only evaluates (the paper's zero-shot row)")
     p.add_argument("--batch-size", type=int, help="sequences per rank and step")
-    p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"))
+    p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"), help="after warm-up")
     p.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up")
     p.add_argument("--clip-grad-norm", type=float, help="global L2 clipping, 0 for none; LOMO then runs 2 "
                    "backward passes")
     p.add_argument("--clip-grad-value", type=float, help="clamp each gradient element to +-value")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled")
     p.add_argument("--stochastic-rounding", action="store_true", help="round bf16 updates stochastically")
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on GPU (and for --dry-run), fp32 on CPU")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="data sampling and order, random init")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
-    p.add_argument("--save-dir", default="out", help="metrics.jsonl, checkpoints and predictions go here")
+    p.add_argument("--save-dir", default="out", help="one run's metrics.jsonl, checkpoints and predictions; new or "
+                   "empty unless resuming")
+    p.add_argument("--overwrite", action="store_true", help="delete the files an earlier run left in --save-dir, "
+                   "or the checkpoints after --resume's")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save-dir")
     p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
-    p.add_argument("--export-format", default="meta", choices=("meta", "hf"))
+    p.add_argument("--export-format", default="meta", choices=("meta", "hf"), help="Meta's or Hugging Face's")
     p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
                    "--task rte adds the diagnostics AX-b and AX-g)")
     p.add_argument("--dry-run", action="store_true", help="print the memory and communication plan, then exit")
@@ -99,29 +114,47 @@ def parse_args(argv=None):
     p.add_argument("--sharding", default="own", choices=("own", "fsdp2"), help="own: shard.py; fsdp2: PyTorch's")
     p.add_argument("--shard-unit", default="block", choices=shard.SHARD_UNITS, help="what is gathered at once")
     args = p.parse_args(argv)
+    args.task = args.task.lower()
     kind = "dry_run" if args.dry_run else args.task if args.task in ("synthetic", "jsonl") else "superglue"
     for flag, value in DEFAULTS[kind].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    args.clip_grad_norm = args.clip_grad_norm or None
+    if args.batch_size is None:  # the demo: a global batch of 16 whatever the number of ranks
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if DEMO_GLOBAL_BATCH % world:
+            p.error(f"the demo's global batch of {DEMO_GLOBAL_BATCH} does not split over {world} ranks: pass "
+                    f"--batch-size (sequences per rank), or run on a number of ranks that divides {DEMO_GLOBAL_BATCH}")
+        args.batch_size = DEMO_GLOBAL_BATCH // world
     args.model = args.model or ("tiny" if not args.ckpt else None)
     if args.model is not None and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join(MODEL_NAMES)}")
-    if args.task not in ("synthetic", "jsonl") and args.task.lower() not in superglue.TASKS:
+    if args.task not in ("synthetic", "jsonl") and args.task not in superglue.TASKS:
         p.error(f"--task {args.task!r} is unknown: choose synthetic, jsonl or one of {', '.join(superglue.TASKS)}")
     if args.task != "synthetic" and not args.dry_run and not (args.data_dir and os.path.isdir(args.data_dir)):
         needs = ("train.jsonl and val.jsonl (see the README for their format)" if args.task == "jsonl" else
-                 f"{superglue.TASK_DIRS.get(args.task.lower(), '')}/ (see the README for the download)")
+                 f"{superglue.TASK_DIRS.get(args.task, '')}/ (see the README for the download)")
         p.error(f"--data-dir {args.data_dir!r} is not a folder: --task {args.task} needs the folder that holds "
                 + needs)
     if args.predict and args.task in ("synthetic", "jsonl"):
         p.error(f"--predict writes SuperGLUE test predictions; --task {args.task} has no test split")
-    for flag in ("batch_size", "train_samples", "eval_samples", "max_len", "world_size", "keep_last"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not args.lr > 0:
-        p.error("--lr must be > 0")
+    check_numbers(p, args)
+    args.clip_grad_norm = args.clip_grad_norm or None
     return args
+
+
+def check_numbers(p, args):
+    """Every numeric flag in its range (written so that NaN fails too)."""
+    at_least = {"batch_size": 1, "train_samples": 1, "eval_samples": 1, "max_len": 1, "world_size": 1,
+                "keep_last": 1, "epochs": 0, "save_every": 0, "eval_every": 0, "weight_decay": 0,
+                "clip_grad_norm": 0}
+    for flag, low in at_least.items():
+        if getattr(args, flag) is not None and not getattr(args, flag) >= low:  # None: all (--task jsonl)
+            p.error(f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}")
+    for flag in ("lr", "gpu_gib") + (("clip_grad_value",) if args.clip_grad_value is not None else ()):
+        if not getattr(args, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be greater than 0, not {getattr(args, flag)}")
+    if not 0 <= args.warmup_ratio <= 1:
+        p.error(f"--warmup-ratio is a fraction of the steps, from 0 to 1, not {args.warmup_ratio}")
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -147,22 +180,39 @@ def all_reduce(x, world, op=dist.ReduceOp.SUM):
     return t.item()
 
 
+@contextlib.contextmanager
+def user_errors(flag):
+    """The project's errors about a user's file (missing, unreadable, malformed: OSError or ValueError from
+    data.py and checkpoint.py) as one line naming the flag, without a traceback. Wraps only the loading of files,
+    so that a ValueError from a bug elsewhere keeps its traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
 def load_tokenizer(args, rank, world):
     """--tokenizer, else the tokenizer in --ckpt's folder, else (the demo) a tiny one trained here."""
     path = args.tokenizer or (find_tokenizer(args.ckpt) if args.ckpt and os.path.isdir(args.ckpt) else None)
     if path:
-        return open_tokenizer(path)
+        with user_errors("--tokenizer"):
+            return open_tokenizer(path)
     if args.ckpt or args.task != "synthetic":
         raise SystemExit(f"--tokenizer is required for --task {args.task}" + (
             f": --ckpt {args.ckpt} holds no tokenizer.model or tokenizer.json" if args.ckpt else "") +
             " (LLaMA's tokenizer.model, or the tokenizer.json of a Hugging Face release, or its folder)")
-    folder = Path(tempfile.gettempdir()) / "lomo-demo-tokenizer"
-    if rank == 0:  # sentencepiece training is deterministic, so the demo tokenizer is the same every time
-        folder.mkdir(exist_ok=True)
-        train_tokenizer(data.synthetic_texts(), str(folder / "synthetic"), vocab_size=320)
-    if world > 1:
-        dist.barrier()
-    return open_tokenizer(str(folder / "synthetic.model"))
+    # The demo's tokenizer: rank 0 trains it into a private temporary folder and sends the file to the other
+    # ranks, so that no folder is shared between users, runs or machines.
+    with tempfile.TemporaryDirectory(prefix="lomo-demo-tokenizer-") as folder:
+        path = Path(folder) / "synthetic.model"
+        model_file = [None]
+        if rank == 0:
+            train_tokenizer(data.synthetic_texts(), str(path.with_suffix("")), vocab_size=320)
+            model_file = [path.read_bytes()]
+        if world > 1:
+            dist.broadcast_object_list(model_file, src=0)
+            path.write_bytes(model_file[0])
+        return open_tokenizer(str(path))
 
 
 def model_args(args, tok):
@@ -242,6 +292,22 @@ class _MasterWeights:
             m.grad = None
             p.copy_(m)
 
+    def _fp32_masters(self):
+        """The masters of 16-bit weights (those of fp32 weights are the weights themselves)."""
+        masters = [m for group in self.param_groups for m in group["params"]]
+        return [m for m, p in zip(masters, self.model_params) if m.dtype != p.dtype]
+
+    def state_dict(self):
+        """The torch optimizer's state plus the fp32 masters, which the 16-bit weights only round."""
+        return {**super().state_dict(), "masters": self._fp32_masters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        for m, saved in zip(self._fp32_masters(), state_dict.pop("masters")):
+            m.copy_(saved)
+        super().load_state_dict(state_dict)
+
 
 class MasterSGD(_MasterWeights, torch.optim.SGD):
     """SGD with fp32 master weights: 4 extra bytes per parameter (the paper's SGD row)."""
@@ -309,16 +375,21 @@ def train_step(args, model, opt, tokens, labels, world):
 
 
 @torch.no_grad()
-def evaluate(model, tok, examples, args, rank, world, device):
+def evaluate(model, tok, examples, args, rank, world, device, desc="eval"):
     """Score every candidate of every example (each rank a slice), gather the scores. Every rank runs the same
-    number of forward passes: a rank with fewer batches runs dropped one-token passes."""
+    number of forward passes: a rank with fewer batches runs dropped one-token passes. Rank 0 shows a bar."""
     mine = list(range(rank, len(examples), world))
     n_batches = data.count_scoring_batches(sum(len(examples[i].candidates) for i in mine), args.batch_size)
     n_forwards = int(all_reduce(n_batches, world, dist.ReduceOp.MAX))
-    logits_fn = lambda tokens, logits_at: model(tokens.to(device), logits_at.to(device))  # noqa: E731
+    bar = tqdm(total=n_forwards, desc=desc, unit="batch", disable=rank != 0, leave=False)
+
+    def logits_fn(tokens, logits_at):
+        bar.update(1)
+        return model(tokens.to(device), logits_at.to(device))
     scores = data.score_candidates(logits_fn, tok, [examples[i] for i in mine], args.max_len, args.batch_size)
     for _ in range(n_forwards - n_batches):  # dropped: the other ranks' forward passes need this rank's collectives
         logits_fn(torch.tensor([[tok.bos_id]]), torch.tensor([0]))
+    bar.close()
     gathered = [(i, s) for i, s in zip(mine, scores)]
     if world > 1:
         everyone = [None] * world
@@ -334,115 +405,50 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(args, step, position, model, opt, sched, rank, world):
-    """<save-dir>/step_N: one file per rank plus meta.json, written in a temporary folder and renamed, so a
-    crash during a save never harms the last good checkpoint. Keeps the last --keep-last."""
-    root = Path(args.save_dir)
-    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
-    if final.exists():
-        return
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(world)
-    state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-             "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    torch.save(state, tmp / f"rank{rank}.pt")
-    barrier(world)
-    if rank == 0:
-        meta = {"step": step, "world_size": world, "sharding": args.sharding if world > 1 else "none",
-                "shard_unit": args.shard_unit if world > 1 and args.sharding == "own" else None,
-                "optimizer": args.optimizer}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step_*"))[:-args.keep_last]:
-            shutil.rmtree(old)
-    barrier(world)
-
-
-def load_checkpoint(args, path, model, opt, sched, rank, world):
-    """Restore a checkpoint of save_checkpoint(); check that it fits this run before touching anything."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--resume {path}: not a checkpoint folder of train.py (meta.json unreadable: {e})")
-    sharding = args.sharding if world > 1 else "none"
-    unit = args.shard_unit if world > 1 and args.sharding == "own" else None
-    if (meta["world_size"], meta["sharding"], meta["shard_unit"]) != (world, sharding, unit):
-        raise SystemExit(f"--resume {path} was saved by {meta['world_size']} rank(s) with sharding "
-                         f"{meta['sharding']} (unit {meta['shard_unit']}); this run has {world} rank(s) with "
-                         f"sharding {sharding} (unit {unit}). Resume with the same --nproc_per_node, --sharding "
-                         f"and --shard-unit; the checkpoint is left untouched.")
-    if meta["optimizer"] != args.optimizer:
-        raise SystemExit(f"--resume {path} was saved with --optimizer {meta['optimizer']}, this run has "
-                         f"--optimizer {args.optimizer}")
-    try:
-        state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or corrupt file
-        raise SystemExit(f"--resume {path}: cannot read rank{rank}.pt ({e}); the checkpoint is corrupt")
-    saved = {n: tuple(t.shape) for n, t in state["model"].items()}
-    wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
-    if saved != wanted:
-        wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
-        raise SystemExit(f"--resume {path} holds a different model than --model / --ckpt describe "
-                         f"(first differences: {wrong}); pass the flags of the run that saved it")
-    with torch.no_grad():
-        for name, t in shard.local_tensors(model).items():
-            t.copy_(state["model"][name])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    random.setstate(state["python_rng"])
-    return state["step"], tuple(state["position"])
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def export(args, model, margs, rank):
-    """Stream the model out unit by unit through model.py's writers; only rank 0 writes."""
-    names = list(param_shapes(margs))
-    units = [[n for n in names if not n.startswith("layers.") and n != "tok_embeddings.weight"]]
-    units = [["tok_embeddings.weight"]] + [[n for n in names if n.startswith(f"layers.{i}.")]
-                                           for i in range(margs.n_layers)] + units
-    writer = (MetaWriter if args.export_format == "meta" else HFWriter)(args.export, margs) if rank == 0 else None
-    for tensors in shard.full_units(model, units):
-        if writer:
-            writer.write(tensors)
-    if writer:
-        writer.close()
-
-
 # ------------------------------------------------------------------------------------------------- main
 
-def load_examples(args, split, n):
+def load_examples(args, split, n, rank=0):
+    """n examples of a split, sampled as --sampling says; all of them when n is None, or, with a notice, when the
+    file holds fewer (as the official code does)."""
     if args.task == "synthetic":
         return data.synthetic_task(n, seed=args.seed + (split == "val"))
-    if args.task == "jsonl":
-        examples = data.load_jsonl(os.path.join(args.data_dir, f"{split}.jsonl"))
-        n = n or len(examples)
-    else:
-        examples = superglue.load_task(args.task, args.data_dir, split)
+    with user_errors("--data-dir"):
+        if args.task == "jsonl":
+            examples = data.load_jsonl(os.path.join(args.data_dir, f"{split}.jsonl"))
+        else:
+            examples = superglue.load_task(args.task, args.data_dir, split)
+    if n is None:
+        return examples
+    if n > len(examples) and rank == 0:
+        print(f"notice: {args.task} {split} holds {len(examples)} examples, fewer than the {n} asked for "
+              f"(--{'train' if split == 'train' else 'eval'}-samples): all are used")
     if args.sampling == "paper":
         return data.paper_subset(examples, n)
     return data.group_subset(examples, n, args.seed)
 
 
-def log(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def check_max_len(args, tok, margs, splits):
+    """--max-len must fit the model, and every example with its passage cut away entirely (as data.fit_prompt
+    would cut it): checked on every split before training, with the value to pass."""
+    if args.max_len > margs.max_seq_len:
+        raise SystemExit(f"--max-len {args.max_len} exceeds the model's max_seq_len {margs.max_seq_len}: pass "
+                         f"--max-len {margs.max_seq_len} or less (passages are cut to fit)")
+    for split, examples in splits.items():
+        if not examples:
+            continue
+        need, i = max((len(tok.encode(dataclasses.replace(ex, passage="").prompt + c, bos=True, eos=True)), i)
+                      for i, ex in enumerate(examples) for c in ex.candidates)
+        if need > args.max_len:
+            fix = (f"pass --max-len {need} or more" if need <= margs.max_seq_len else
+                   f"that is more than the model's max_seq_len {margs.max_seq_len}")
+            raise SystemExit(f"--max-len {args.max_len} is too short for {split}: example {examples[i].idx} needs "
+                             f"{need} tokens even with its passage cut away; {fix}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
-        return print_plan(args)
+        return plan.print_plan(args)
     owns_group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     rank, world, device = init_distributed()
     ok = False
@@ -468,46 +474,48 @@ def close_distributed(ok: bool):
 
 
 def run(args, rank, world, device):
-    """Train, evaluate, predict and export, as the flags say; returns the final validation metrics."""
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    """Check everything checkable, then train, evaluate, predict and export, as the flags say; returns the final
+    validation metrics."""
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tok = load_tokenizer(args, rank, world)
     margs = model_args(args, tok)
-    if args.max_len > margs.max_seq_len:
-        raise SystemExit(f"--max-len {args.max_len} exceeds the model's max_seq_len {margs.max_seq_len}")
-    task = args.task.lower()
-    train_set = load_examples(args, "train", args.train_samples) if args.epochs else []
-    val_set = load_examples(args, "val", args.eval_samples)
+    train_set = load_examples(args, "train", args.train_samples, rank) if args.epochs else []
+    val_set = load_examples(args, "val", args.eval_samples, rank)
+    # the test split; RTE's model also predicts the diagnostics AX-b and AX-g
+    predict_sets = {args.task: load_examples(args, "test", None, rank)} if args.predict else {}
+    if args.predict and args.task == "rte":
+        with user_errors("--data-dir"):
+            predict_sets.update(superglue.load_diagnostics(args.data_dir))
+    check_max_len(args, tok, margs, {f"{args.task} train": train_set, f"{args.task} val": val_set,
+                                     **{f"{name} test": examples for name, examples in predict_sets.items()}})
     train_seqs = [data.encode_train(tok, ex, args.max_len) for ex in train_set]
-    # the test split; RTE's model also predicts the diagnostics AX-b and AX-g. Read now: bad files fail before training
-    predict_sets = {task: superglue.load_task(task, args.data_dir, "test")} if args.predict else {}
-    if args.predict and task == "rte":
-        predict_sets.update(superglue.load_diagnostics(args.data_dir))
-    for ex in val_set + [ex for examples in predict_sets.values() for ex in examples]:
-        data.fit_prompt(tok, ex, args.max_len)  # an example too long for --max-len fails now, not after training
+    folder = rundir.RunDir(args, rank, world)  # where the run writes: checked before the model is loaded
+    folder.check()
+    if args.export:
+        rundir.check_export(args.export)
+    if rank == 0:
+        folder.warn_if_short_of_space(margs, dtype)
+    folder.prepare()
     model = build_model(args, margs, rank, world, device, dtype)
     opt = build_optimizer(args, model, world)
     steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, max(1, args.epochs * steps_per_epoch)))
-    step, position = 0, (0, 0)
-    if args.resume:
-        step, position = load_checkpoint(args, args.resume, model, opt, sched, rank, world)
-    os.makedirs(args.save_dir, exist_ok=True)
-    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+    step, position = folder.load(model, opt, sched) if args.resume else (0, (0, 0))
 
     def run_eval():
         scores = evaluate(model, tok, val_set, args, rank, world, device)
-        if task == "jsonl":
+        if args.task == "jsonl":
             metrics = data.answer_metrics(tok, val_set, scores, args.max_len)
         else:
-            metrics = superglue.compute_metrics(task, val_set, data.predict(val_set, scores))
-        if rank == 0:
-            log(metrics_path, {"step": step, "split": "val", "task": task, **metrics})
+            metrics = superglue.compute_metrics(args.task, val_set, data.predict(val_set, scores))
+        folder.log({"step": step, "split": "val", "task": args.task, **metrics})
         return metrics
 
-    bar = tqdm(total=args.epochs * steps_per_epoch, initial=step, disable=rank != 0, desc="train")
-    losses = []
+    bar = tqdm(total=args.epochs * steps_per_epoch, initial=step, disable=rank != 0 or not args.epochs, desc="train")
+    losses, written = [], {"metrics": folder.metrics_path}
     for epoch in range(position[0], args.epochs):
         batches = data.epoch_batches(len(train_set), args.batch_size, world, rank, args.seed, epoch)
         for b in range(position[1] if epoch == position[0] else 0, len(batches)):
@@ -522,37 +530,39 @@ def run(args, rank, world, device):
             losses.append(loss)
             row = {"step": step, "loss": loss, "lr": lr, **row,
                    "tokens_per_s": n_real / (time.perf_counter() - start), "peak_mem_gib": peak_memory_gib(device)}
-            if rank == 0:
-                log(metrics_path, {k: v for k, v in row.items() if v is not None})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                mem=f"{row['peak_mem_gib']:.1f}G")
+            folder.log({k: v for k, v in row.items() if v is not None})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['peak_mem_gib']:.1f}G")
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, step, (epoch, b + 1), model, opt, sched, rank, world)
+                written["checkpoint"] = folder.save(step, (epoch, b + 1), model, opt, sched)
     bar.close()
     if args.epochs:
-        save_checkpoint(args, step, (args.epochs, 0), model, opt, sched, rank, world)
+        written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, sched)
     metrics = run_eval()
     for name, examples in predict_sets.items():
-        preds = data.predict(examples, evaluate(model, tok, examples, args, rank, world, device))
+        scores = evaluate(model, tok, examples, args, rank, world, device, desc=f"predict {name}")
+        preds = data.predict(examples, scores)
         if rank == 0:
-            print("predictions:", superglue.write_predictions(name, examples, preds, args.save_dir))
+            path = superglue.write_predictions(name, examples, preds, args.save_dir)
+            written["predictions"] = ", ".join(filter(None, [written.get("predictions"), path]))
     missing = [f"{superglue.TASK_DIRS[name]}/{superglue.TASK_DIRS[name]}.jsonl" for name in superglue.DIAGNOSTICS
-               if args.predict and task == "rte" and name not in predict_sets]
+               if args.predict and args.task == "rte" and name not in predict_sets]
     if rank == 0 and missing:
         print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
               "their predictions too")
     if args.export:
-        export(args, model, margs, rank)
+        rundir.export(args, model, margs, rank, world)
+        written["export"] = args.export
     if rank == 0:
         trained = ""
         if losses:
             first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
             trained = f", loss {first:.3f} -> {last:.3f} (mean of the first / last 10 steps)"
         print(f"done: {step} steps{trained}; val " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-              + f"; metrics in {metrics_path}")
+              + "; " + ", ".join(f"{what} {path}" for what, path in written.items()))
     return metrics
 
 

@@ -61,17 +61,22 @@ CONFIGS = {  # name: flags; every one runs on 1 rank (batch 8) and on 2 ranks (b
 }
 
 
+DEMO = ["--train-samples", "64", "--epochs", "1", "--eval-samples", "4"]  # the plain demo, cut short
+
+
 @pytest.fixture(scope="module")
 def runs(tokenizer, tmp_path_factory):
-    """Every config once on 2 ranks (one set of processes) and once in this process; returns their folders."""
+    """Every config once on 2 ranks (one set of processes) and once in this process; returns their folders. The
+    demo too, without --batch-size: its global batch of 16 is split over the ranks."""
     root = tmp_path_factory.mktemp("runs")
     common = SMALL + ["--tokenizer", tokenizer]
     two = [common + flags + ["--batch-size", "4", "--save-dir", str(root / f"{name}-2")]
            for name, flags in CONFIGS.items()]
-    run(two, world=2)
+    run(two + [DEMO + ["--save-dir", str(root / "demo-2")]], world=2)
     for name, flags in CONFIGS.items():
         if name != "fsdp2":
             run(common + flags + ["--batch-size", "8", "--save-dir", str(root / f"{name}-1")])
+    run(DEMO + ["--save-dir", str(root / "demo-1")])
     return root
 
 
@@ -86,6 +91,13 @@ def test_two_ranks_equal_one_process(runs, name):
     p1, p2 = final_params(runs / f"{name}-1"), final_params(runs / f"{name}-2")
     for key in p1:
         torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_two_rank_demo_trains_the_one_process_steps(runs):
+    """The plain demo (no --batch-size) on 2 ranks: the same global batches, so the same losses."""
+    (one, _), (two, _) = metrics(runs / "demo-1"), metrics(runs / "demo-2")
+    assert len(one) == len(two) == 4
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
 
 
 def test_fsdp2_equals_hand_written_sharding(runs):
@@ -175,22 +187,6 @@ def test_uneven_eval_scores_every_example_once(tokenizer):
     run_workers(_uneven_eval_worker, tokenizer, margs_dict)
 
 
-def test_resume_is_bit_exact(tokenizer, tmp_path):
-    flags = SMALL + ["--tokenizer", tokenizer, "--batch-size", "2", "--optimizer", "adalomo", "--lr", "0.01",
-                     "--save-every", "2", "--keep-last", "10", "--train-samples", "12"]
-    run(flags + ["--save-dir", str(tmp_path / "full")])
-    full, _ = metrics(tmp_path / "full")
-    assert len(full) == 12
-    resumed_dir = tmp_path / "resumed"
-    run(flags + ["--save-dir", str(resumed_dir), "--resume", str(tmp_path / "full" / "step_00000004")])
-    resumed, _ = metrics(resumed_dir)
-    assert [r["step"] for r in resumed] == list(range(5, 13))
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]  # bit-exact
-    assert final_params(resumed_dir).keys() == final_params(tmp_path / "full").keys()
-    for key, value in final_params(tmp_path / "full").items():
-        assert torch.equal(final_params(resumed_dir)[key], value), key
-
-
 def _export_worker(rank, world, argv, export_dirs):
     for fmt, out in export_dirs:
         train.main(argv + ["--export", out, "--export-format", fmt, "--save-dir", out + "-run"])
@@ -267,7 +263,9 @@ def test_short_demo_completes(tmp_path, capsys):
     steps; the full demo reaches 100%), but the answer format (Yes/No, then EOS) is learnt."""
     result = train.main(["--train-samples", "3000", "--epochs", "1", "--eval-samples", "90",
                          "--save-dir", str(tmp_path)])
-    assert "done: 188 steps" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "done: 188 steps" in out and f"checkpoint {tmp_path / 'step_00000188'}" in out
+    assert "eval: " in err and "batch/s" in err  # the evaluation's progress bar
     losses = [r["loss"] for r in metrics(tmp_path)[0]]
     assert losses[0] > 4 and max(losses[-10:]) < 0.5  # from uniform over 320 tokens to about ln(2) / 2
     assert set(result) == {"accuracy"} and 0 <= result["accuracy"] <= 1
@@ -280,6 +278,14 @@ def test_short_demo_completes(tmp_path, capsys):
     (["--task", "squad"], "--task 'squad' is unknown"),
     (["--task", "boolq", "--data-dir", "/no/such/dir"], "--data-dir '/no/such/dir' is not a folder"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "-1"], "--epochs must be at least 0, not -1"),
+    (["--save-every", "-5"], "--save-every must be at least 0, not -5"),
+    (["--eval-every", "-1"], "--eval-every must be at least 0"),
+    (["--warmup-ratio", "2"], "--warmup-ratio is a fraction of the steps, from 0 to 1, not 2.0"),
+    (["--lr", "nan"], "--lr must be greater than 0, not nan"),
+    (["--clip-grad-value", "0"], "--clip-grad-value must be greater than 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (["--predict"], "--predict writes SuperGLUE test predictions; --task synthetic has no test split"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -287,18 +293,49 @@ def test_bad_flags_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_missing_tokenizer_is_named():
-    with pytest.raises(FileNotFoundError, match="/no/tokenizer.model"):
-        train.main(["--tokenizer", "/no/tokenizer.model"])
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("--seed SEED data sampling and order, random init (default: 42)", "(default: out)",
+                  "superglue: --lr 0.03, --epochs 10, --batch-size 16", "the demo's --batch-size is 16 / the number"):
+        assert shown in out
+
+
+def test_the_demo_batch_is_global(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.parse_args([]).batch_size == 4 and train.parse_args(["--batch-size", "3"]).batch_size == 3
+    assert train.parse_args(["--task", "boolq", "--data-dir", "."]).batch_size == 16  # SuperGLUE: per rank
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        train.parse_args([])
+    assert "the demo's global batch of 16 does not split over 3 ranks: pass --batch-size" in capsys.readouterr().err
+
+
+def test_the_demo_tokenizer_needs_no_shared_folder(tmp_path, monkeypatch):
+    """Another user's demo left /tmp/lomo-demo-tokenizer behind (here: a file where a folder would go)."""
+    (tmp_path / "lomo-demo-tokenizer").write_text("someone else's")
+    monkeypatch.setattr(train.tempfile, "tempdir", str(tmp_path))
+    tok = train.load_tokenizer(train.parse_args([]), rank=0, world=1)
+    assert tok.n_words == 320 and tok.encode("Yes", bos=False, eos=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lomo-demo-tokenizer"]  # its temporary folder is gone
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="--tokenizer: tokenizer model not found: /no/tokenizer.model"):
+        train.main(["--tokenizer", "/no/tokenizer.model", "--save-dir", str(tmp_path)])
 
 
 def test_checkpoint_that_does_not_match_the_model(tokenizer, tmp_path):
     margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 100})
     checkpoint.save_model(model.Transformer(margs), tmp_path / "ckpt")
     with pytest.raises(SystemExit, match="not the --model 7b preset"):
-        train.main(["--model", "7b", "--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
+        train.main(["--model", "7b", "--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer,
+                    "--save-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="the tokenizer has 320 tokens"):
-        train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer])
+        train.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", tokenizer, "--save-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--ckpt: .*nowhere does not exist"):
+        train.main(["--ckpt", str(tmp_path / "nowhere"), "--tokenizer", tokenizer, "--save-dir", str(tmp_path / "out")])
 
 
 def test_embedding_padded_beyond_the_tokenizer_is_accepted(tokenizer, tmp_path):
@@ -332,21 +369,78 @@ def test_unfused_baselines_refuse_own_sharding():
         train.build_optimizer(args, torch.nn.Linear(2, 2), world=2)
 
 
-def test_superglue_task_trains_and_writes_predictions(tokenizer, tmp_path):
+def boolq_fixture(folder, splits=("train", "val", "test")):
     rows = {"train": [{"question": "is the sky blue", "passage": "Sky: the sky is blue.", "idx": i,
                        "label": bool(i % 2)} for i in range(4)],
             "val": [{"question": "is grass red", "passage": "Grass: grass is green.", "idx": i, "label": False}
                     for i in range(3)],
             "test": [{"question": "is snow white", "passage": "Snow: snow is white.", "idx": i} for i in range(3)]}
-    (tmp_path / "BoolQ").mkdir()
-    for split, lines in rows.items():
-        (tmp_path / "BoolQ" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    (folder / "BoolQ").mkdir()
+    for split in splits:
+        (folder / "BoolQ" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[split]) + "\n")
+    return folder
+
+
+def test_superglue_task_trains_and_writes_predictions(tokenizer, tmp_path, capsys):
+    boolq_fixture(tmp_path)
     result = train.main(["--task", "boolq", "--data-dir", str(tmp_path), "--tokenizer", tokenizer, "--epochs", "1",
                          "--max-len", "128", "--batch-size", "2", "--predict", "--save-dir", str(tmp_path / "out")])
     assert set(result) == {"accuracy"}
     predictions = [json.loads(line) for line in open(tmp_path / "out" / "BoolQ.jsonl")]
     assert [p["idx"] for p in predictions] == [0, 1, 2]
     assert all(p["label"] in ("true", "false") for p in predictions)
+    out, err = capsys.readouterr()
+    assert "notice: boolq train holds 4 examples, fewer than the 1000 asked for (--train-samples): all are used" in out
+    assert f"predictions {tmp_path / 'out' / 'BoolQ.jsonl'}" in out and "predict boolq: " in err
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", r"--data-dir: SuperGLUE file not found: .*BoolQ/test.jsonl"),
+    ("malformed", r"--data-dir: .*BoolQ/test.jsonl, line 4: malformed JSON"),
+])
+def test_predict_input_is_checked_before_training(tokenizer, tmp_path, problem, message):
+    boolq_fixture(tmp_path, splits=("train", "val") if problem == "missing" else ("train", "val", "test"))
+    if problem == "malformed":
+        with open(tmp_path / "BoolQ" / "test.jsonl", "a") as f:
+            f.write("{not json\n")
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--task", "boolq", "--data-dir", str(tmp_path), "--tokenizer", tokenizer, "--epochs", "1",
+                    "--max-len", "128", "--batch-size", "2", "--predict", "--save-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_max_len_is_checked_before_anything_runs_and_suggests_a_value(tokenizer, tmp_path):
+    boolq_fixture(tmp_path)
+    run = ["--task", "boolq", "--data-dir", str(tmp_path), "--tokenizer", tokenizer, "--epochs", "0"]
+    with pytest.raises(SystemExit, match="--max-len 1024 exceeds the model's max_seq_len 256: pass --max-len 256"):
+        train.main(run + ["--save-dir", str(tmp_path / "a")])  # the tiny model with SuperGLUE's default
+    with pytest.raises(SystemExit) as exc:
+        train.main(run + ["--max-len", "8", "--save-dir", str(tmp_path / "b")])
+    assert "--max-len 8 is too short for boolq val: example" in str(exc.value)
+    suggested = int(str(exc.value).split("pass --max-len ")[1].split(" ")[0])
+    with pytest.raises(SystemExit, match="too short"):
+        train.main(run + ["--max-len", str(suggested - 1), "--save-dir", str(tmp_path / "c")])
+    train.main(run + ["--max-len", str(suggested), "--save-dir", str(tmp_path / "d")])  # evaluates: passages cut
+    assert not list(tmp_path.glob("[abc]/metrics.jsonl"))
+
+
+def test_data_format_errors_are_one_line(tokenizer, tmp_path):
+    boolq_fixture(tmp_path)
+    (tmp_path / "BoolQ" / "val.jsonl").write_text('{"question": "q", "passage": "p", "idx": 0}\n')
+    with pytest.raises(SystemExit, match=r"^--data-dir: .*BoolQ/val.jsonl, line 1: missing field 'label'$"):
+        train.main(["--task", "boolq", "--data-dir", str(tmp_path), "--tokenizer", tokenizer, "--max-len", "128",
+                    "--save-dir", str(tmp_path / "out")])
+
+
+def test_master_weights_resume_exactly_in_bf16(tokenizer, tmp_path):
+    """The fp32 masters of the unfused baselines are saved: a resumed bf16 AdamW run equals an uninterrupted one."""
+    run = SMALL + ["--tokenizer", tokenizer, "--optimizer", "adamw", "--lr", "0.01", "--dtype", "bf16",
+                   "--batch-size", "2", "--save-every", "2", "--keep-last", "10"]
+    train.main(run + ["--save-dir", str(tmp_path / "full")])
+    train.main(run + ["--save-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "step_00000004")])
+    full, resumed = final_params(tmp_path / "full"), final_params(tmp_path / "resumed")
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), key
 
 
 @pytest.mark.parametrize("cls,ref_cls", [(train.MasterAdamW, torch.optim.AdamW), (train.MasterSGD, torch.optim.SGD)])
@@ -378,3 +472,4 @@ def _torchrun_worker(rank, world, argv):
 def test_main_tears_down_its_process_group(tokenizer, tmp_path):
     argv = SMALL + ["--tokenizer", tokenizer, "--batch-size", "4", "--epochs", "1", "--save-dir", str(tmp_path)]
     run_workers(_torchrun_worker, argv, init=False)
+

@@ -1,0 +1,352 @@
+"""The run folder of train.py (--save-dir): its checkpoints, metrics.jsonl, and the rules that keep runs apart.
+
+    <save-dir>/metrics.jsonl        a JSON row per training step and per evaluation (rank 0 writes it)
+    <save-dir>/step_00000020/       a checkpoint: rank0.pt, rank1.pt, ... (each rank's rows) and meta.json
+    <save-dir>/<Task>.jsonl         test predictions (--predict)
+
+A folder holds one run. A fresh run needs an empty or new folder, or --overwrite, which deletes the files an
+earlier run left there (never other files). A run resumed from one of the folder's own checkpoints continues it
+in place: metrics.jsonl is cut back to what it held when that checkpoint was saved, and the checkpoint must be the
+folder's latest (--overwrite deletes the later ones). So no folder ever mixes two runs or two histories.
+All of this is checked on every rank before the model is loaded; only rank 0 writes outside its own files.
+"""
+import errno
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import plan
+import shard
+import superglue
+from checkpoint import HFWriter, MetaWriter
+from model import param_shapes
+
+META, METRICS = "meta.json", "metrics.jsonl"
+# Flags that a resumed training run must share with the saved one: each changes the data order, the schedule
+# or the update, so changing one mid-run would silently give a run that no single command describes.
+RUN_FLAGS = ("task", "train_samples", "sampling", "seed", "epochs", "batch_size", "max_len", "optimizer", "lr",
+             "lr_schedule", "warmup_ratio", "clip_grad_norm", "clip_grad_value", "weight_decay", "stochastic_rounding",
+             "dtype")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The finished checkpoints in a folder, oldest first."""
+    return sorted(p for p in folder.glob("step_*") if p.is_dir())
+
+
+def run_files(folder: Path) -> list[Path]:
+    """What a run of train.py writes into its folder (--overwrite deletes exactly these)."""
+    predictions = {f"{name}.jsonl" for name in superglue.TASK_DIRS.values()}
+    return sorted(p for p in folder.iterdir() if p.name == METRICS or p.name in predictions
+                  or (p.is_dir() and (p.name.startswith("step_") or p.name.startswith(".step_"))))
+
+
+def read_meta(path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume {path}: not a checkpoint folder of train.py (meta.json unreadable: {e})")
+
+
+def write_durably(path: Path, write) -> None:
+    """write(file) into path, then flush and fsync, so that a power loss after a later rename cannot leave an
+    empty or partial file behind the new name."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in a folder (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create the folder if needed and write a file there: a path under a file, or a read-only disk, fails now."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag}: cannot write in {folder} ({e.strerror or e}); pass a folder you can write to")
+
+
+def check_export(path) -> None:
+    """--export must be a new or empty folder whose parent can be written (checkpoint.py's writers write next to
+    it, then rename)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"--export {out} already exists and is not empty: pass a new folder (nothing is overwritten)")
+    check_writable(out.parent, f"--export {out}")
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def _nbytes(obj) -> int:
+    """Bytes of every tensor in a nested state (what torch.save will write, give or take the headers)."""
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def write_failure(e: Exception, folder: Path, nbytes: int):
+    """Why writing about nbytes into folder failed, when the disk is to blame; None for anything else (a bug, to be
+    raised as it is). torch.save and safetensors wrap a full disk in exceptions of their own ("unexpected pos"),
+    so the free space decides too."""
+    if any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in (e, e.__context__)) \
+            or shutil.disk_usage(folder).free < nbytes:
+        return "no space left on device"
+    return str(e) if isinstance(e, OSError) else None
+
+
+def raise_together(message, world: int) -> None:
+    """Every rank exits with the first rank's error when any rank has one, so that none waits in a collective."""
+    messages = [message]
+    if world > 1:
+        messages = [None] * world
+        dist.all_gather_object(messages, message)
+    problems = [m for m in messages if m]
+    if problems:
+        raise SystemExit(problems[0])
+
+
+class RunDir:
+    """The run's --save-dir, on every rank: check() and prepare() before the model is loaded, then log(), save()
+    and load()."""
+
+    def __init__(self, args, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.root = Path(args.save_dir)
+        self.metrics_path = self.root / METRICS
+        self.resume_meta = read_meta(args.resume) if args.resume else None
+        self.in_place = bool(args.resume) and Path(args.resume).resolve().parent == self.root.resolve()
+        self.saved = {self.resume_meta["step"]} if self.in_place else set()  # checkpoints of this very state
+        self.metrics_rows = 0  # rows of metrics.jsonl; a checkpoint records it, so a resume can cut back to it
+        self.to_delete = []
+
+    def describe(self) -> dict:
+        """What meta.json records of the run, besides its step."""
+        a = self.args
+        return {"world_size": self.world, "sharding": a.sharding if self.world > 1 else "none",
+                "shard_unit": a.shard_unit if self.world > 1 and a.sharding == "own" else None,
+                "optimizer": a.optimizer, "global_batch": a.batch_size * self.world,
+                "flags": {flag: getattr(a, flag) for flag in RUN_FLAGS}}
+
+    def warn_if_short_of_space(self, margs, dtype) -> None:
+        """Warn (rank 0) when the free space cannot hold one checkpoint, or the export, of the planned size."""
+        sizes = plan.plan(margs, self.args.optimizer, 1, nbytes=dtype.itemsize)
+        needs = [(self.root, (sizes["params"] + sizes["optimizer_state"]) * plan.GiB, "a checkpoint")]
+        if self.args.export:
+            needs.append((Path(self.args.export).parent, sizes["params"] * plan.GiB, "the export"))
+        for folder, nbytes, what in needs:
+            free = shutil.disk_usage(folder).free
+            if free < nbytes:
+                print(f"warning: {folder} has {size(free)} free, but {what} needs about {size(nbytes)}")
+
+    def check(self) -> None:
+        """Refuse, before anything is loaded, a resume that cannot continue this run and a folder that would mix
+        two runs; check that the folder can be written."""
+        if self.resume_meta:
+            self._check_resume()
+        entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
+        if self.in_place and not self.args.epochs:
+            raise SystemExit(f"--epochs 0 only evaluates: its metrics would be appended to the log of the run in "
+                             f"{self.root} that --resume {self.args.resume} belongs to; pass a new --save-dir")
+        if self.in_place:  # continue the folder's own run: nothing may come after the checkpoint resumed from
+            name = step_name(self.resume_meta["step"])
+            later = [c for c in checkpoints(self.root) if c.name > name]
+            if later and not self.args.overwrite:
+                raise SystemExit(f"--resume {self.args.resume} is not the latest checkpoint of {self.root} "
+                                 f"({', '.join(c.name for c in later)} follow it): resuming there would mix two "
+                                 "histories. Pass --overwrite to delete the later ones, or a new --save-dir")
+            self.to_delete = later + sorted(self.root.glob(".step_*.tmp"))  # and any save cut short by a crash
+        elif entries:
+            if not self.args.overwrite:
+                latest = checkpoints(self.root)
+                resume = f"--resume {latest[-1]} to continue it, " if latest else ""
+                held = ", ".join(e.name for e in entries[:4]) + (", ..." if len(entries) > 4 else "")
+                raise SystemExit(f"--save-dir {self.root} is not empty (it holds {held}): pass {resume}--overwrite "
+                                 "to delete the earlier run's files and start afresh, or a new --save-dir")
+            self.to_delete = run_files(self.root)
+        check_writable(self.root, f"--save-dir {self.root}")
+
+    def _check_resume(self) -> None:
+        saved, ours, path = self.resume_meta, self.describe(), self.args.resume
+        layout = ("world_size", "sharding", "shard_unit")
+        if tuple(saved[k] for k in layout) != tuple(ours[k] for k in layout):
+            raise SystemExit(f"--resume {path} was saved by {saved['world_size']} rank(s) with sharding "
+                             f"{saved['sharding']} (unit {saved['shard_unit']}); this run has {self.world} rank(s) "
+                             f"with sharding {ours['sharding']} (unit {ours['shard_unit']}). Resume with the same "
+                             "--nproc_per_node, --sharding and --shard-unit; the checkpoint is left untouched.")
+        if saved["optimizer"] != ours["optimizer"]:
+            raise SystemExit(f"--resume {path} was saved with --optimizer {saved['optimizer']}, this run has "
+                             f"--optimizer {ours['optimizer']}")
+        if self.args.epochs:  # a run that only evaluates, predicts or exports may use any flags
+            differ = [f for f in RUN_FLAGS if f in saved.get("flags", {}) and saved["flags"][f] != ours["flags"][f]]
+            if differ:
+                flags = lambda values: " ".join(f"--{f.replace('_', '-')} {values[f]}" for f in differ)  # noqa: E731
+                raise SystemExit(f"--resume {path} was saved with {flags(saved['flags'])}; this run has "
+                                 f"{flags(ours['flags'])}: pass the saved values (or --epochs 0 to only evaluate)")
+
+    def prepare(self) -> None:
+        """After every check has passed: delete what check() found to go, and cut metrics.jsonl back to the
+        checkpoint resumed from (rank 0)."""
+        if self.rank == 0:
+            for path in self.to_delete:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if self.in_place and self.metrics_path.exists():
+                rows = [line for line in self.metrics_path.read_text().splitlines(True) if line.endswith("\n")]
+                rows = rows[:self.resume_meta.get("metrics_rows", len(rows))]
+                tmp = self.root / f".{METRICS}.tmp"
+                write_durably(tmp, lambda f: f.write("".join(rows).encode()))
+                os.replace(tmp, self.metrics_path)
+                self.metrics_rows = len(rows)
+        if self.world > 1:
+            dist.barrier()
+
+    def log(self, row: dict) -> None:
+        """Append a row to metrics.jsonl (rank 0; the others keep no log)."""
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.metrics_rows += 1
+
+    def save(self, step, position, model, opt, sched) -> Path:
+        """<save-dir>/step_N: one file per rank plus meta.json, written in a temporary folder, fsynced, then
+        renamed, so that a crash or a full disk during a save never harms the last good checkpoint. A step this
+        run has already saved (or resumed from) holds this very state and is not written twice. Keeps the last
+        --keep-last. Every rank calls it."""
+        final, tmp = self.root / step_name(step), self.root / f".{step_name(step)}.tmp"
+        if step in self.saved:
+            return final
+        raise_together(f"{final} exists but was not written by this run (is another run writing into --save-dir "
+                       f"{self.root}?): refusing to overwrite it" if final.exists() else None, self.world)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.world > 1:
+            dist.barrier()
+        state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
+                 "rows": shard.local_rows(model),  # each tensor's global rows here: what resharding will need
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                 "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        failure, nbytes = None, _nbytes(state)
+        try:
+            write_durably(tmp / f"rank{self.rank}.pt", lambda f: torch.save(state, f))
+            if self.rank == 0:
+                meta = {"step": step, "metrics_rows": self.metrics_rows, **self.describe()}
+                write_durably(tmp / META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        except Exception as e:
+            failure = write_failure(e, tmp, nbytes)
+            if failure is None:
+                raise
+        self._finish_save(failure, nbytes, final, tmp)
+        self.saved.add(step)
+        return final
+
+    def _finish_save(self, failure, nbytes, final, tmp) -> None:
+        """Rename the checkpoint into place once every rank has written its file; or, if any rank could not,
+        remove the partial folder and exit with that rank's reason, the bytes needed and the bytes free."""
+        results = [(failure, nbytes)]
+        if self.world > 1:
+            results = [None] * self.world
+            dist.all_gather_object(results, (failure, nbytes))
+        failures = [f for f, _ in results if f]
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            needed, last = sum(n for _, n in results), checkpoints(self.root)
+            kept = f"the last good checkpoint, {last[-1]}, is untouched" if last else "no earlier checkpoint exists"
+            raise SystemExit(f"cannot write checkpoint {final.name} in --save-dir {self.root} ({failures[0]}): it "
+                             f"needs about {needed:,} bytes ({size(needed)}), "
+                             f"{shutil.disk_usage(self.root).free:,} bytes are free. The partial {tmp.name} was "
+                             f"removed and {kept}; make room or pass another --save-dir"
+                             + (f", then --resume {last[-1]}" if last else ""))
+        if self.rank == 0:
+            fsync_dir(tmp)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            for old in checkpoints(self.root)[:-self.args.keep_last]:
+                shutil.rmtree(old)
+        if self.world > 1:
+            dist.barrier()
+
+    def load(self, model, opt, sched) -> tuple[int, tuple]:
+        """Restore this rank's part of the --resume checkpoint (check() has checked that it fits this run)."""
+        path, problem = Path(self.args.resume), None
+        try:
+            state = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # a missing, truncated or corrupt file
+            problem = f"--resume {path}: cannot read rank{self.rank}.pt ({e}); the checkpoint is corrupt"
+        else:
+            saved = {n: tuple(t.shape) for n, t in state["model"].items()}
+            wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
+            if saved != wanted:
+                wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
+                problem = (f"--resume {path} holds a different model than --model / --ckpt describe (first "
+                           f"differences: {wrong}); pass the flags of the run that saved it")
+        raise_together(problem, self.world)  # so that no rank goes on to train alone
+        with torch.no_grad():
+            for name, t in shard.local_tensors(model).items():
+                t.copy_(state["model"][name])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        random.setstate(state["python_rng"])
+        return state["step"], tuple(state["position"])
+
+
+def export(args, model, margs, rank, world) -> None:
+    """Stream the model out unit by unit through checkpoint.py's writers; only rank 0 writes. A write error (a full
+    disk) on rank 0 stops the writing but not the gathering, so that no rank waits in a collective; then every rank
+    exits with it, and the partial folder is removed."""
+    names = list(param_shapes(margs))
+    units = [[n for n in names if not n.startswith("layers.") and n != "tok_embeddings.weight"]]
+    units = [["tok_embeddings.weight"]] + [[n for n in names if n.startswith(f"layers.{i}.")]
+                                           for i in range(margs.n_layers)] + units
+    writer = (MetaWriter if args.export_format == "meta" else HFWriter)(args.export, margs) if rank == 0 else None
+    failure, nbytes = None, plan.sizes(margs)["total"] * (4 if args.dtype == "fp32" else 2)
+    try:
+        for tensors in shard.full_units(model, units):
+            try:
+                if writer and not failure:
+                    writer.write(tensors)
+            except Exception as e:
+                failure = write_failure(e, writer.tmp, sum(t.nbytes for t in tensors.values()))
+                if failure is None:
+                    raise
+        try:
+            if writer and not failure:
+                writer.close()  # renames the finished folder into place
+        except Exception as e:
+            failure = write_failure(e, writer.tmp, nbytes)  # Meta's format merges the units into one file
+            if failure is None:
+                raise
+    finally:
+        if writer:
+            shutil.rmtree(writer.tmp, ignore_errors=True)  # a partial folder; after close() there is none
+    raise_together(failure and f"--export {args.export}: cannot write it ({failure}): the model needs about "
+                   f"{nbytes:,} bytes ({size(nbytes)}), "
+                   f"{shutil.disk_usage(Path(args.export).parent).free:,} bytes are free. The partial folder was "
+                   "removed", world)
