@@ -13,6 +13,8 @@ leftovers. A method that does not fit is reported as OOM and the others still ru
 memory, on CPU when the plan's estimate (plan.py) exceeds --mem-limit-gib, so the shared machine never swaps.
 The floor is forward + backward with every gradient dropped as it arrives: no method that updates the weights
 can be faster, nor use less memory.
+The eval methods score candidate answers as train.py's evaluation does (eval), and as a plain transformers loop
+does (eval-hf), in this process: after a warm-up pass each (memory), they take turns for the timed passes.
 """
 import argparse
 import contextlib
@@ -220,9 +222,7 @@ def run_isolated(method, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--methods", method, "--isolate", "none", "--json",
            "--model", args.model, "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--seq-len",
            str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps), "--mem-limit-gib",
-           str(args.mem_limit_gib), "--data-dir", args.data_dir, "--eval-batch-size", str(args.eval_batch_size)]
-    cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
-    cmd += ["--eval-examples", str(args.eval_examples)] if args.eval_examples else []
+           str(args.mem_limit_gib)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"method": method, "error": f"exit {proc.returncode}: " + proc.stderr.strip()[-300:]}
@@ -232,21 +232,22 @@ def run_isolated(method, args) -> dict:
 def bench_methods(args, device) -> list:
     margs, dtype = model_args(args.model), DTYPES[args.dtype]
     rows = []
-    for method in args.methods:
-        estimate = None if method in EVAL_METHODS else estimate_gib(method, margs, args.batch_size, args.seq_len,
-                                                                     dtype.itemsize)
-        if device.type == "cpu" and estimate is not None and estimate > args.mem_limit_gib:
+    train_methods = [m for m in args.methods if m not in EVAL_METHODS]
+    for method in train_methods:
+        estimate = estimate_gib(method, margs, args.batch_size, args.seq_len, dtype.itemsize)
+        if device.type == "cpu" and estimate > args.mem_limit_gib:
             row = {"method": method, "oom": f"plan estimate {estimate:.2f} GiB > --mem-limit-gib {args.mem_limit_gib}"}
-        elif args.isolate == "process" and len(args.methods) > 1:
+        elif args.isolate == "process" and len(train_methods) > 1:
             row = run_isolated(method, args)
         else:
             try:
-                row = run_eval(method, args, device) if method in EVAL_METHODS else \
-                    run_method(method, margs, dtype, device, args.batch_size, args.seq_len, args.warmup, args.steps)
+                row = run_method(method, margs, dtype, device, args.batch_size, args.seq_len, args.warmup, args.steps)
             except torch.OutOfMemoryError as e:
                 row = {"method": method, "oom": str(e).split("\n")[0][:200]}
         rows.append({**row, "estimate_gib": estimate})
         print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # progress, in case of a timeout
+    if eval_methods := [m for m in args.methods if m in EVAL_METHODS]:  # in this process: they take turns
+        rows += run_evals(eval_methods, args, device)
     return rows
 
 
@@ -322,39 +323,59 @@ def padding_share(batches: list[list[int]]) -> float:
     return 1 - sum(map(sum, batches)) / total if total else 0.0
 
 
-@torch.no_grad()
-def run_eval(method, args, device) -> dict:
-    """Score every candidate `warmup` times (memory measured) and `steps` timed times; tokens/s counts the
-    candidates' tokens, not the padding."""
-    margs, dtype, batch_size = model_args(args.model), DTYPES[args.dtype], args.eval_batch_size
-    encoded, pad_id, what = eval_candidates(args, margs)
-    lengths = [len(ids) for example in encoded for ids, _ in example]
+def scorer(method, margs, dtype, device, encoded, batch_size, pad_id):
+    """(score(), model, the batches' lengths) for `method`: this project's scoring or transformers' plain one."""
     if method == "eval":
         model = random_model(margs, dtype, device)
-        score = lambda: data.score_sequences(  # noqa: E731
-            lambda tokens, at: model(tokens.to(device), at.to(device)), encoded, batch_size, pad_id)
-        batches = [[len(encoded[i][j][0]) for i, j in b]
-                   for b in data.scoring_batches([[len(ids) for ids, _ in e] for e in encoded], batch_size)]
-    else:
+        batches = data.scoring_batches([[len(ids) for ids, _ in e] for e in encoded], batch_size)
+        return (lambda: data.score_sequences(lambda tokens, at: model(tokens.to(device), at.to(device)),
+                                             encoded, batch_size, pad_id),
+                model, [[len(encoded[i][j][0]) for i, j in b] for b in batches])
+    lengths = [len(ids) for example in encoded for ids, _ in example]
+    model = hf_model(margs, dtype, device)
+    return (lambda: hf_scores(model, encoded, batch_size, pad_id, device), model,
+            [lengths[start:start + batch_size] for start in range(0, len(lengths), batch_size)])
+
+
+@torch.no_grad()
+def run_evals(methods, args, device) -> list:
+    """Each scorer scores every candidate `warmup` times (its peak memory measured), then the scorers take turns
+    for `steps` timed passes each, so that a change in the machine's load affects them alike. tokens/s counts
+    the candidates' tokens, not the padding, over the median pass; the spread is the slowest / fastest pass."""
+    margs, dtype = model_args(args.model), DTYPES[args.dtype]
+    encoded, pad_id, what = eval_candidates(args, margs)
+    n_tokens = sum(len(ids) for example in encoded for ids, _ in example)
+    rows, scorers, resident = [], {}, 0
+    for method in methods:
         try:
-            model = hf_model(margs, dtype, device)
+            score, model, batches = scorer(method, margs, dtype, device, encoded, args.eval_batch_size, pad_id)
         except ImportError:
-            return {"method": method, "error": "transformers is not installed (pip install -r requirements-test.txt)"}
-        score = lambda: hf_scores(model, encoded, batch_size, pad_id, device)  # noqa: E731
-        batches = [lengths[start:start + batch_size] for start in range(0, len(lengths), batch_size)]
-    with peak_memory(device, list(model.parameters())) as mem:
-        for _ in range(max(1, args.warmup)):
-            score()
-    times = []
+            rows.append({"method": method, "error": "transformers is not installed (pip install -r "
+                         "requirements-test.txt)"})
+            continue
+        with peak_memory(device, list(model.parameters())) as mem:
+            for _ in range(max(1, args.warmup)):
+                score()
+        # on GPU the scorers built before are resident too; the CPU tracker counts only this one's tensors
+        peak = mem["gib"] - (resident / GiB if device.type == "cuda" else 0)
+        resident += sum(p.numel() * p.element_size() for p in model.parameters())
+        scorers[method] = score
+        rows.append({"method": method, "peak_gib": peak, "padding": padding_share(batches), "times": []})
     for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        score()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"method": method, "peak_gib": mem["gib"], "pass_s": statistics.median(times),
-            "tokens_per_s": sum(lengths) / statistics.median(times), "sequences": len(lengths),
-            "tokens": sum(lengths), "padding": padding_share(batches), "candidates": what}
+        for row in rows:
+            if row["method"] in scorers:
+                sync(device)
+                start = time.perf_counter()
+                scorers[row["method"]]()
+                sync(device)
+                row["times"].append(time.perf_counter() - start)
+    for row in rows:
+        if "times" in row:
+            times = row.pop("times")
+            row.update(pass_s=statistics.median(times), spread=max(times) / min(times),
+                       tokens_per_s=n_tokens / statistics.median(times))
+        row.update(sequences=sum(map(len, encoded)), tokens=n_tokens, candidates=what)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- sharded
@@ -501,20 +522,21 @@ def print_sharded(rows, args, device, memory_how):
 def print_eval(rows, args, device, memory_how):
     margs = model_args(args.model)
     what = next((r["candidates"] for r in rows if "candidates" in r), "")
-    print(f"candidate scoring, model {args.model}: {sizes(margs)['total'] / 1e6:.0f}M parameters, {args.dtype}, "
+    print(f"candidate scoring, model {args.model}: {sizes(margs)['total'] / 1e6:.3g}M parameters, {args.dtype}, "
           f"{args.eval_batch_size} sequences per batch, {args.warmup} warm-up + {args.steps} timed passes over "
           f"{what}, on {device_name(device)}")
-    print(f"peak memory: {memory_how}; tokens/s: the candidates' tokens (not the padding) / the median pass\n")
+    print(f"peak memory: {memory_how}; tokens/s: the candidates' tokens (not the padding) / the median pass; the "
+          f"scorers take turns; spread: slowest / fastest pass\n")
     hf = next((r for r in rows if r["method"] == "eval-hf" and "pass_s" in r), None)
-    print(f"{'method':>8} {'sequences':>9} {'tokens':>8} {'padding':>8} {'peak GiB':>9} {'pass s':>8} "
+    print(f"{'method':>8} {'sequences':>9} {'tokens':>8} {'padding':>8} {'peak GiB':>9} {'pass s':>8} {'spread':>7} "
           f"{'tokens/s':>9} {'vs eval-hf':>10}")
     for r in rows:
         if "pass_s" not in r:
-            print(f"{r['method']:>8} {'OOM' if 'oom' in r else 'ERROR':>9}   " + r.get("oom", r.get("error", "")))
+            print(f"{r['method']:>8} {'ERROR':>9}   {r['error']}")
             continue
         speed = f"{r['tokens_per_s'] / hf['tokens_per_s']:>10.2f}" if hf else f"{'':>10}"
         print(f"{r['method']:>8} {r['sequences']:>9} {r['tokens']:>8} {r['padding']:>8.1%} {r['peak_gib']:>9.4g} "
-              f"{r['pass_s']:>8.2f} {r['tokens_per_s']:>9.1f} {speed}")
+              f"{r['pass_s']:>8.2f} {r['spread']:>7.2f} {r['tokens_per_s']:>9.1f} {speed}")
 
 
 def device_name(device):
@@ -537,7 +559,8 @@ def parse_args(argv=None):
     p.add_argument("--mem-limit-gib", type=float, help="CPU only: methods whose plan estimate exceeds this are "
                    "reported as OOM without running (default: half the machine's memory)")
     p.add_argument("--isolate", default="process", choices=("process", "none"),
-                   help="process: each method in a fresh process; none: one after another in this one")
+                   help="process: each training method in a fresh process; none: one after another in this one "
+                   "(eval methods always run in this one, taking turns)")
     p.add_argument("--sharded", action="store_true", help="under torchrun: shard.py (block units) against FSDP2")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     superglue_dir = os.path.join(REALDATA, "superglue")
