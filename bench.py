@@ -43,7 +43,7 @@ from plan import GiB, plan, sizes
 from tokenizer import open_tokenizer
 from train import MasterAdamW, MasterSGD, RandomWeights, close_distributed
 
-METHODS = ("floor", "lomo", "lomo-clip", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed")
+METHODS = ("floor", "lomo", "lomo-clip", "lomo-clip-tensor", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed")
 EVAL_METHODS = ("eval", "eval-hf")  # candidate scoring: this project's, and transformers' written plainly
 REALDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "realdata")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -158,9 +158,11 @@ def make_step(method, params, lr=1e-4, process_group=None):
         for p in params:  # drop each gradient as it arrives
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         return lambda loss: loss.backward()
-    if method in ("lomo", "lomo-clip", "adalomo"):
-        cls, clip = (AdaLomo, None) if method == "adalomo" else (LOMO, 1.0 if method == "lomo-clip" else None)
-        opt = cls(params, lr=lr, clip_grad_norm=clip, process_group=process_group)
+    if method in ("lomo", "lomo-clip", "lomo-clip-tensor", "adalomo"):
+        cls = AdaLomo if method == "adalomo" else LOMO
+        clip = 1.0 if method.startswith("lomo-clip") else None
+        scope = "tensor" if method == "lomo-clip-tensor" else "global"  # tensor: grouped clipping, one pass
+        opt = cls(params, lr=lr, clip_grad_norm=clip, clip_grad_norm_scope=scope, process_group=process_group)
         return opt.fused_backward
     cls = {"sgd": torch.optim.SGD, "sgd-mixed": MasterSGD, "adamw": torch.optim.AdamW, "adamw-mixed": MasterAdamW}
     opt = cls[method](params, lr=lr)
@@ -479,14 +481,14 @@ def print_methods(rows, args, device, memory_how):
           f"tokens, {args.warmup} warm-up + {args.steps} timed steps, on {device_name(device)}")
     print(f"peak memory: {memory_how}; tokens/s: median of the timed steps\n")
     floor = next((r for r in rows if r["method"] == "floor" and "peak_gib" in r), None)
-    print(f"{'method':>12} {'peak GiB':>9} {'plan GiB':>9} {'tokens/s':>9} {'vs floor':>9}")
+    print(f"{'method':>16} {'peak GiB':>9} {'plan GiB':>9} {'tokens/s':>9} {'vs floor':>9}")
     for r in rows:
         if "peak_gib" not in r:
-            print(f"{r['method']:>12} {'OOM' if 'oom' in r else 'ERROR':>9} {r['estimate_gib']:>9.4g}   "
+            print(f"{r['method']:>16} {'OOM' if 'oom' in r else 'ERROR':>9} {r['estimate_gib']:>9.4g}   "
                   + r.get("oom", r.get("error", "")))
             continue
         speed = f"{r['tokens_per_s'] / floor['tokens_per_s']:>9.2f}" if floor else f"{'':>9}"
-        print(f"{r['method']:>12} {r['peak_gib']:>9.4g} {r['estimate_gib']:>9.4g} {r['tokens_per_s']:>9.1f} {speed}")
+        print(f"{r['method']:>16} {r['peak_gib']:>9.4g} {r['estimate_gib']:>9.4g} {r['tokens_per_s']:>9.1f} {speed}")
     if args.dtype == "fp32":
         print("\nfp32 weights: the -mixed methods' master weights are the weights themselves (no extra copy)")
     by = {r["method"]: r for r in rows if "peak_gib" in r}

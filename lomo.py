@@ -21,16 +21,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["LOMO", "AdaLomo", "StepInfo", "stochastic_round_"]
+__all__ = ["LOMO", "AdaLomo", "StepInfo", "stochastic_round_", "CLIP_SCOPES"]
+
+CLIP_SCOPES = ("global", "tensor")
+_OWNERS = WeakIdKeyDictionary()  # parameter -> weak reference to the optimizer whose hook updates it
 
 
 @dataclass
 class StepInfo:
-    """What one `fused_backward` call did, for logging."""
+    """What one `fused_backward` call did, for logging. Equal on every rank of the process group."""
     skipped: bool                      # True: no parameter was updated (or, see `reason`, the update stopped)
     reason: Optional[str] = None       # why the step was skipped
-    grad_norm: Optional[float] = None  # global L2 norm of the gradients, when a check pass computed it
+    grad_norm: Optional[float] = None  # global L2 norm of the (unscaled, value-clipped) gradients before norm
+    #                                    clipping, when the step computed it (check pass, tensor-scope clipping, AdaLomo)
     loss_scale: Optional[float] = None  # the fp16 loss scale used for this step
 
 
@@ -44,16 +49,73 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
     bf16 is the top 16 bits of fp32. Adding uniform noise to the 16 low bits and truncating them rounds up with
     probability equal to the dropped fraction, so updates smaller than half a bf16 ulp survive on average.
+    A NaN is copied as it is: the noise could carry into its sign, or drop the only set bits of its payload.
     """
     bits = src.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
     rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000); the bf16 cast below is then exact
+    rounded = torch.where(torch.isnan(src), bits, rounded)
     return dst.copy_(rounded.view(torch.float32))
 
 
+def _rows_per_chunk(t: torch.Tensor) -> int:
+    """Rows of `t` per chunk of an update: bounds its fp32 temporaries (on the CPU, to a size that stays in cache)."""
+    elements = (1 << 18) if t.device.type == "cpu" else (1 << 24)
+    return max(1, elements // max(1, math.prod(t.shape[1:])))
+
+
+def _chunks(t: torch.Tensor, rows: int):
+    """Views of `t`, `rows` rows (dim 0) at a time; a 0-dim tensor counts as one row."""
+    return (t if t.dim() else t.unsqueeze(0)).split(rows)
+
+
+def _select_(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """t where the 0-dim bool `ok` is True, else +0.0, in place and without a host sync. An AND with an all-ones or
+    all-zeros bit mask, not a product: 0 * inf is NaN, but the mask turns inf and NaN into 0 as well. (On the CPU it
+    is also ten times faster than torch.where with a 0-dim condition, which is not vectorised.)"""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    t.view(ints).bitwise_and_(-ok.to(ints))
+    return t
+
+
+def _apply_(p, t1, t2, decay, ok, stochastic):
+    """p <- p * decay + t1 * t2, in place, computed in fp32 and rounded once into p's dtype.
+
+    decay: None (no decay), a number or a 0-dim tensor. t2: a float, or an fp32 tensor of one dimension or more,
+    so that type promotion computes in fp32 even for 16-bit p and t1: inside the kernel on CUDA, through
+    temporaries of this chunk's size on the CPU (whose add_ would round a float alpha to p's dtype: 1e-3 / 65536
+    is 0 in fp16). ok: None, or a 0-dim bool tensor on p's device; where it is False, p is left unchanged. t1 is
+    overwritten (it is a gradient chunk or a temporary).
+    """
+    if torch.is_tensor(t2) and t2.dim() == 0:
+        t2 = t2.reshape(1)
+    if ok is not None:  # select, never multiply by a mask: 0 * inf is NaN
+        t1 = _select_(t1, ok)
+        t2 = torch.where(ok, t2, 0) if torch.is_tensor(t2) else t2  # small: a scalar or a row of column factors
+        decay = None if decay is None else torch.where(ok, decay, 1.0)
+    if decay is None and not (stochastic and p.dtype == torch.bfloat16):
+        if isinstance(t2, float) and (p.dtype == torch.float32 or p.device.type != "cpu"):
+            p.add_(t1, alpha=t2)  # one kernel; CUDA keeps alpha in fp32 for 16-bit p
+        else:
+            p.addcmul_(t1, t2 if torch.is_tensor(t2) else torch.full((1,), t2, device=p.device))
+        return
+    w = p.float()  # fp32 p: p itself; 16-bit p: an fp32 copy of this chunk only
+    if decay is not None:
+        w.mul_(decay)
+    w.add_(t1, alpha=t2) if isinstance(t2, float) else w.addcmul_(t1, t2)
+    if w is not p:
+        stochastic_round_(p, w) if stochastic and p.dtype == torch.bfloat16 else p.copy_(w)
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of `g` with fp32 accumulation, without an fp32 copy of a 16-bit `g`."""
+    return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
 def _remove_all(handles):
-    for handle in handles:
+    for handle in list(handles.values()):
         handle.remove()
+    handles.clear()
 
 
 def _call_owner(owner, p, index):
@@ -67,27 +129,34 @@ def _call_owner(owner, p, index):
 class _FusedOptimizer(torch.optim.Optimizer):
     """The machinery shared by LOMO and AdaLomo: hooks, check pass, loss scaling, finiteness, state.
 
-    A post-accumulate-grad hook on every trainable parameter does the work (LOMO Sec. 3.2). The hook receives
-    its own parameter and group, so each call costs O(1), not a scan of all parameters.
+    A post-accumulate-grad hook on every trainable parameter does the work (LOMO Sec. 3.2): autograd calls it once
+    per backward pass, when the parameter's `.grad` is complete, with its own parameter and group (O(1) a call).
+    The newest optimizer built over a parameter owns it (an older one's hook on it is removed, so nothing is
+    updated twice); `remove_hooks()` detaches an optimizer.
 
     Passes over ONE forward graph:
-      - check pass (retain_graph=True), run when `clip_grad_norm` is set, for fp16 parameters (loss scaling), or
-        with `check_finite=True`: each hook adds the gradient's squared norm and frees the gradient. Then the
-        global norm is known, and a non-finite one skips the whole step before any parameter changes.
+      - check pass (retain_graph=True), for `clip_grad_norm` (global scope), fp16 parameters (loss scaling) and
+        `check_finite=True`: each hook adds its gradient's squared norm and frees it. The host reads the result
+        (the step's one sync); a non-finite one skips the whole step before any parameter changes.
       - update pass: each hook updates its parameter and frees the gradient.
-    Without a check pass, a non-finite gradient found part-way cannot undo the updates already made to the
-    parameters whose gradients came earlier: the remaining updates are stopped and the step is reported as
-    skipped. Pass `check_finite=True` for full protection at the cost of a second backward pass.
+    Without a check pass, a device flag records whether every gradient so far (and the loss) was finite, and each
+    update is selected by it, so updates stop at the first non-finite gradient with no host sync per parameter;
+    the flag is read once, after the pass. Earlier updates cannot be undone: the step is reported as skipped.
 
-    `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (as in
-    ZeRO-3 or FSDP2). Quantities spanning a whole tensor are then reduced over it. None: nothing distributed.
+    `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (ZeRO-3,
+    FSDP2). Whole-tensor quantities are reduced over it, and so are the step's flags (StepInfo is the same on every
+    rank). In single-pass mode a rank sees only its own rows: for LOMO to stop at the same parameter on every rank,
+    the sharding layer must make a non-finite gradient visible to every rank (shard.NonFiniteGuard). AdaLomo and
+    tensor-scope clipping reduce per-tensor statistics anyway, so they agree by themselves.
     """
 
     def __init__(self, params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
-                 loss_scale_window, stochastic_rounding, process_group):
+                 loss_scale_window, stochastic_rounding, process_group, clip_grad_norm_scope):
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
+        if clip_grad_norm_scope not in CLIP_SCOPES:
+            raise ValueError(f"clip_grad_norm_scope must be one of {CLIP_SCOPES}, got {clip_grad_norm_scope!r}")
         if defaults["lr"] is None or not defaults["lr"] > 0:
             raise ValueError(f"lr must be > 0, got {defaults['lr']}")
         if defaults["weight_decay"] < 0:
@@ -96,17 +165,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"loss_scale must be > 0 and loss_scale_window >= 1, got {loss_scale}, "
                              f"{loss_scale_window}")
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.clip_grad_norm_scope, self.check_finite = clip_grad_norm_scope, check_finite
         self.stochastic_rounding, self.process_group = stochastic_rounding, process_group
-        self.loss_scale_window = loss_scale_window
+        self.initial_loss_scale, self.loss_scale_window = float(loss_scale), loss_scale_window
+        self.fp16, self.loss_scale = False, None  # set by add_param_group when an fp16 parameter arrives
         self.steps = 0                 # update passes run so far
         self._clean_steps = 0          # fp16 steps since the last overflow
-        self._phase = "idle"           # idle | check | update | discard
-        self._hooks, self._global_size = [], {}
-        weakref.finalize(self, _remove_all, self._hooks)  # a freed optimizer leaves no hook behind
+        self._phase, self._seen = "idle", set()  # idle | check | update | discard; parameters hooked this pass
+        self._handles, self._taken, self._removed, self._global_size = {}, 0, False, {}
+        weakref.finalize(self, _remove_all, self._handles)  # a freed optimizer leaves no hook behind
         super().__init__(params, defaults)
-        self.fp16 = any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"])
-        self.loss_scale = float(loss_scale) if self.fp16 else None
-        self.check_pass = clip_grad_norm is not None or check_finite or self.fp16
+
+    @property
+    def check_pass(self) -> bool:
+        """Whether a step runs the check pass (see the class docstring)."""
+        return (self.clip_grad_norm is not None and self.clip_grad_norm_scope == "global") or self.check_finite \
+            or self.fp16
 
     def add_param_group(self, param_group):
         """Add a group (torch.optim API) and hook each of its trainable parameters."""
@@ -117,74 +191,163 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"params: got a {p.dtype} parameter; only floating-point parameters can be "
                                  "trained (pass only model.parameters() that are float)")
-        trainable = [p for p in group["params"] if p.requires_grad]
-        owner = weakref.ref(self)  # a hook must not keep its optimizer (and its process group) alive
-        for p in trainable:
-            self._hooks.append(p.register_post_accumulate_grad_hook(
-                lambda p, index=index: _call_owner(owner, p, index)))
-        # Rows and elements of each whole tensor, summed over the shards of the group: one collective.
-        sizes = torch.tensor([[_local(p).shape[0] if p.dim() else 1, _local(p).numel()] for p in trainable],
-                             dtype=torch.float64, device=_local(trainable[0]).device if trainable else "cpu")
+            if p.dtype == torch.float16 and not self.fp16:  # fp16 anywhere: loss scaling and overflow checks
+                self.fp16, self.loss_scale = True, self.initial_loss_scale
+        for p in group["params"]:
+            if p.requires_grad:
+                self._hook(p, index)
+        # Rows and elements of each whole tensor, summed over the shards of the group: one collective. Frozen
+        # parameters too, in case they are unfrozen later.
+        params = group["params"]
+        sizes = torch.tensor([[_local(p).shape[0] if p.dim() else 1, _local(p).numel()] for p in params],
+                             dtype=torch.float64, device=_local(params[0]).device if params else "cpu")
         self._all_reduce(sizes)
-        self._global_size.update({p: (int(r), int(n)) for p, (r, n) in zip(trainable, sizes.tolist())})
+        self._global_size.update({p: (int(r), int(n)) for p, (r, n) in zip(params, sizes.tolist())})
+
+    def _hook(self, p, index):
+        """Register this optimizer's hook on `p`, taking `p` over from an older optimizer that still hooks it."""
+        previous = _OWNERS.get(p)
+        previous = previous() if previous is not None else None
+        if previous is not None and previous is not self:
+            previous._handles.pop(p).remove()
+            previous._taken += 1
+        owner = weakref.ref(self)  # a hook must not keep its optimizer (and its process group) alive
+        self._handles[p] = p.register_post_accumulate_grad_hook(lambda p, index=index: _call_owner(owner, p, index))
+        _OWNERS[p] = owner
+
+    def remove_hooks(self):
+        """Detach this optimizer from its parameters: a later backward pass leaves their `.grad` to the caller.
+        The optimizer cannot step again."""
+        for p in self._handles:
+            _OWNERS.pop(p, None)
+        _remove_all(self._handles)
+        self._removed = True
+
+    def _name(self, p) -> str:
+        """How an error message names `p`: its name if the optimizer got named parameters, else its position."""
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return repr(names[i]) if names else f"parameter {i} of param group {gi} (shape {tuple(q.shape)})"
+        return f"a parameter of shape {tuple(p.shape)}"
+
+    def _prepare(self):
+        """Before a step: refuse a retired optimizer and stale gradients; hook parameters unfrozen since the last
+        step (torch.optim.SGD trains a parameter of its groups as soon as it gets a gradient; so does this)."""
+        if self._removed:
+            raise RuntimeError("this optimizer can no longer step: remove_hooks() was called; build a new one")
+        if self._taken:
+            raise RuntimeError(f"this optimizer can no longer step: {self._taken} of its parameters now belong to "
+                               "a newer LOMO / AdaLomo built over them; step with that one")
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    raise RuntimeError(
+                        f"{self._name(p)} already has a .grad (from a plain loss.backward()?); fused_backward "
+                        "applies each gradient as it is computed and cannot use it: call "
+                        "optimizer.zero_grad() (or model.zero_grad()) before fused_backward")
+                if p.requires_grad and p not in self._handles:
+                    self._hook(p, index)
 
     def step(self, closure=None):
         """A no-op: the update already happened inside `fused_backward`, which calls this method so that the
         stock learning-rate schedulers see an optimizer step and raise no warning."""
         return None
 
-    def _all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+    def _all_reduce(self, tensor):
+        """Sum `tensor` over the process group, in place."""
         if self.process_group is not None:
-            dist.all_reduce(tensor, op=op, group=self.process_group)
+            dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
     def fused_backward(self, loss: torch.Tensor) -> StepInfo:
         """Run the backward pass of `loss` and update every parameter as soon as its gradient is ready
-        (LOMO Sec. 3.2, Algorithm 1). Returns a `StepInfo`. No parameter holds a `.grad` afterwards."""
+        (LOMO Sec. 3.2, Algorithm 1). Returns a `StepInfo`. No parameter holds a `.grad` afterwards.
+        The host waits for the device once per step (reading the step's flags back), never per parameter."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise ValueError("loss must be a scalar tensor that requires grad (did you compute it under "
                              "torch.no_grad(), or with every parameter frozen?)")
+        self._prepare()
         scale = self.loss_scale or 1.0
+        self._coef = 1.0 / scale  # what multiplies a gradient in the update: unscaling, then norm clipping
         info = StepInfo(skipped=False, loss_scale=self.loss_scale)
-        finite = self._all_reduce(torch.isfinite(loss.detach()).float().reshape(1), dist.ReduceOp.MIN)
-        if not finite.item():
-            info.skipped, info.reason = True, "non-finite loss"
-            return self._finish(info)
-        self._clip_coef = 1.0
+        # Device flags: the loss is finite on every rank; every gradient so far was finite. And the squared norm.
+        self._ok = torch.isfinite(loss.detach()).reshape(())
+        if self.process_group is not None:
+            bad = self._all_reduce((~self._ok).float().reshape(1))
+            self._ok = bad[0] == 0
+        loss_ok = self._ok.clone()
+        self._sq, self._norm_known = torch.zeros((), dtype=torch.float32, device=loss.device), True
+        self._guarded = not self.check_pass
         if self.check_pass:
-            self._squares = []
             self._backward("check", loss * scale, retain_graph=True)
-            sq = torch.stack(self._squares).sum() if self._squares else loss.new_zeros((), dtype=torch.float32)
-            info.grad_norm = self._all_reduce(sq.float()).sqrt().item()
-            if not math.isfinite(info.grad_norm):
+            finite, bad, sq = self._read_back(loss_ok)
+            info.grad_norm = math.sqrt(sq) * self._coef
+            if not finite or bad or not math.isfinite(info.grad_norm):
                 self._backward("discard", loss * scale)  # frees the retained graph at once
+                if not finite:
+                    info.skipped, info.reason = True, "non-finite loss"
+                    return self._finish(info)
                 if self.fp16:
                     self.loss_scale, self._clean_steps = max(self.loss_scale / 2, 1.0), 0
                 info.skipped, info.reason = True, "non-finite gradient (overflow)"
                 return self._finish(info)
-            if self.clip_grad_norm is not None:
-                self._clip_coef = min(1.0, self.clip_grad_norm / (info.grad_norm + 1e-6))
-        self._found_nonfinite = False
-        self._backward("update", loss * scale)
+            if self.clip_grad_norm is not None and self.clip_grad_norm_scope == "global":
+                self._coef *= min(1.0, self.clip_grad_norm / (info.grad_norm + 1e-6))
+            self._backward("update", loss * scale)
+        else:
+            self._backward("update", loss * scale)
+            finite, bad, sq = self._read_back(loss_ok)
+            info.grad_norm = math.sqrt(sq) / scale if finite and self._norm_known else None
+            if not finite:  # every update was masked
+                info.skipped, info.reason = True, "non-finite loss"
+                return self._finish(info)
+            if bad:
+                info.skipped = True
+                info.reason = "non-finite gradient: updates stopped part-way (use check_finite=True)"
         self.steps += 1
-        if self._found_nonfinite:
-            info.skipped, info.reason = True, "non-finite gradient: updates stopped part-way (use check_finite=True)"
-        elif self.fp16:
+        if self.fp16 and not info.skipped:
             self._clean_steps += 1
             if self._clean_steps == self.loss_scale_window:  # grow the scale back after a clean window
                 self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
         return self._finish(info)
 
+    def _read_back(self, loss_ok):
+        """(loss finite, some gradient non-finite, squared norm), over every rank: the step's one host sync."""
+        flags = self._all_reduce(torch.stack([(~self._ok).float(), self._sq]))
+        finite, bad, sq = torch.cat([loss_ok.float().reshape(1), flags]).tolist()
+        return finite == 1, bad > 0, sq
+
     def _finish(self, info):
+        self._ok = self._sq = None
         self.step()
         return info
 
     def _backward(self, phase, loss, retain_graph=False):
-        self._phase = phase
+        self._phase, self._seen = phase, set()
         try:
             torch.autograd.backward(loss, retain_graph=retain_graph)
+        except RuntimeError as error:
+            if retain_graph and "donated buffer" in str(error):
+                raise RuntimeError(
+                    "torch.compile: this model's compiled backward frees its buffers (donated buffers) and cannot "
+                    "run twice, but clip_grad_norm (global scope), fp16 loss scaling and check_finite need a second "
+                    "backward pass over the same graph. No parameter was changed. Set "
+                    "torch._functorch.config.donated_buffer = False before the model's first compiled step, or "
+                    "train without a check pass (e.g. clip_grad_norm_scope='tensor')") from error
+            raise
         finally:
-            self._phase = "idle"
+            self._phase, self._seen = "idle", set()
+
+    def _record(self, sq, finite):
+        """Note a local gradient's squared norm (for StepInfo.grad_norm; None: not computed) and whether it was
+        finite."""
+        if sq is None:
+            self._norm_known = False
+        else:
+            self._sq.add_(sq)
+        self._ok.logical_and_(finite)
 
     @torch.no_grad()
     def _on_grad(self, p, group):
@@ -192,31 +355,37 @@ class _FusedOptimizer(torch.optim.Optimizer):
         (a tied weight's contributions are already summed)."""
         if self._phase == "idle":  # a plain loss.backward(): leave .grad to the caller
             return
+        if p in self._seen:
+            raise RuntimeError(
+                f"{self._name(p)} received its gradient in two parts in one backward pass, so its update would use "
+                "half a gradient. This happens with reentrant activation checkpointing of a weight that is also "
+                "used outside the checkpointed region: use torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False)")
+        self._seen.add(p)
         grad, p.grad = p.grad, None  # free the gradient at once
         if self._phase == "discard":
             return
-        g, coef = _local(grad), 1.0 / (self.loss_scale or 1.0)  # coef: what multiplies g in the update
-        if self.clip_grad_value is not None:  # clamp the true (unscaled) gradient
-            g, coef = (g.float() * coef).clamp_(-self.clip_grad_value, self.clip_grad_value), 1.0
+        g, coef = _local(grad), self._coef
+        if self.clip_grad_value is not None:  # clamp the true (unscaled) gradient, in place
+            self._ok.logical_and_(torch.isfinite(g.sum(dtype=torch.float32)))  # first: clamping turns inf finite
+            bound = min(self.clip_grad_value * (self.loss_scale or 1.0), torch.finfo(g.dtype).max)
+            g = g.clamp_(-bound, bound)
         if self._phase == "check":
-            flat = g.reshape(-1).float()  # fp32 gradients: no copy
-            self._squares.append(torch.dot(flat, flat) * coef ** 2)
+            self._sq.add_(_sq_norm(g))
             return
-        if not self._update(p, _local(p), g, coef * self._clip_coef, group):
-            self._found_nonfinite, self._phase = True, "discard"
+        sq = None
+        if self.clip_grad_norm is not None and self.clip_grad_norm_scope == "tensor":
+            sq = _sq_norm(g)  # this rank's rows; the clip uses the whole tensor's norm (one all-reduce if sharded)
+            whole = self._all_reduce(sq.reshape(1).clone())[0] if self.process_group is not None else sq
+            norm = whole.sqrt() * coef
+            self._record(sq, torch.isfinite(norm))
+            coef = coef * (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        self._update(p, _local(p), g, coef, group, sq)
 
-    def _update(self, param, p, g, coef, group) -> bool:
-        """Update the local tensor `p` of `param` with the gradient coef * g. False: a non-finite value was met."""
+    def _update(self, param, p, g, coef, group, sq):
+        """Update the local tensor `p` of `param` with the gradient coef * g (coef: a float or a 0-dim tensor).
+        sq: g's squared norm if already recorded, else None."""
         raise NotImplementedError
-
-    def _write_back(self, p, w):
-        """Store the fp32 result `w` into `p`: fp32 params were updated in place; 16-bit ones are rounded."""
-        if w is p:
-            return
-        if self.stochastic_rounding and p.dtype == torch.bfloat16:
-            stochastic_round_(p, w)
-        else:
-            p.copy_(w)
 
     def state_dict(self):
         """torch.optim state plus what exact resumption needs: step count, fp16 loss scale."""
@@ -243,30 +412,32 @@ class LOMO(_FusedOptimizer):
 
     Per parameter:  p <- p * (1 - lr * weight_decay) - lr * g   (decoupled weight decay; for plain SGD without
     momentum this equals torch.optim.SGD's weight_decay), where g is the gradient after unscaling (fp16),
-    clamping to +-clip_grad_value, then scaling by min(1, clip_grad_norm / (||g|| + 1e-6)) (Sec. 3.3.1).
+    clamping to +-clip_grad_value, then scaling by min(1, clip_grad_norm / (||g|| + 1e-6)) (Sec. 3.3.1), with
+    ||g|| the global norm of all gradients (clip_grad_norm_scope="global", a check pass) or the parameter's own
+    norm (clip_grad_norm_scope="tensor": grouped norm clipping, one pass; the paper's Sec. 3.3.1 discussion).
 
-    16-bit parameters are updated in fp32 and rounded back; bf16 can round stochastically
-    (`stochastic_rounding=True`). fp16 parameters use dynamic loss scaling (Sec. 3.3.2): an overflow skips the
-    whole step and halves `loss_scale`; after `loss_scale_window` clean steps it doubles again.
+    16-bit parameters are updated in fp32 arithmetic and rounded once, without an fp32 copy of the weight on
+    the GPU; bf16 can round stochastically (`stochastic_rounding=True`). fp16 parameters use dynamic loss scaling
+    (Sec. 3.3.2): an overflow skips the whole step and halves `loss_scale`; after `loss_scale_window` clean steps
+    it doubles again.
     """
 
     def __init__(self, params, lr, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
                  check_finite=False, loss_scale=2.0 ** 16, loss_scale_window=1000, stochastic_rounding=False,
-                 process_group=None):
+                 process_group=None, clip_grad_norm_scope="global"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm, clip_grad_value,
-                         check_finite, loss_scale, loss_scale_window, stochastic_rounding, process_group)
+                         check_finite, loss_scale, loss_scale_window, stochastic_rounding, process_group,
+                         clip_grad_norm_scope)
 
-    def _update(self, param, p, g, coef, group):
-        if not self.check_pass and not torch.isfinite(g.sum()):  # a sum is non-finite if any element is
-            return False
+    def _update(self, param, p, g, coef, group, sq):
+        if self._guarded and sq is None:  # one read of g: a sum is non-finite if any element is
+            self._record(None, torch.isfinite(g.sum(dtype=torch.float32)))
         lr, weight_decay = group["lr"], group["weight_decay"]
-        if weight_decay or (self.stochastic_rounding and p.dtype == torch.bfloat16):
-            w = p.float()  # fp32 params: p itself, updated in place; 16-bit: an fp32 copy
-            w.mul_(1 - lr * weight_decay).add_(g, alpha=-lr * coef)
-            self._write_back(p, w)
-        else:  # one kernel; for 16-bit p the arithmetic is done in fp32 and rounded once, without copies
-            p.add_(g, alpha=-lr * coef)
-        return True
+        alpha = -lr * coef  # a float, or a 0-dim tensor with tensor-scope clipping
+        decay = 1 - lr * weight_decay if weight_decay else None
+        rows, ok = _rows_per_chunk(p), self._ok if self._guarded else None
+        for pc, gc in zip(_chunks(p, rows), _chunks(g, rows)):
+            _apply_(pc, gc, alpha, decay, ok, self.stochastic_rounding)
 
 
 class AdaLomo(_FusedOptimizer):
@@ -282,14 +453,18 @@ class AdaLomo(_FusedOptimizer):
         W <- W * (1 - step * weight_decay) - step * u
     As in the official code, weight decay is scaled by the relative step size, not by lr alone.
 
-    With `process_group`, W is a row shard: the column statistics, mean(R), RMS(u) and RMS(W) are reduced over
-    the group (two all-reduces per parameter), so sharded training gives the unsharded result. Gradient
-    clipping, fp16 loss scaling and the check pass work as in `LOMO`.
+    Computed in two reads of g, in chunks of rows: the first gathers R, the column sums of g^2, the column sums
+    of g^2 / R (which give sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j without forming u) and sum(W^2);
+    the second applies W <- W * decay - (g * a_i) * b_j with per-row a and per-column b. With `process_group`,
+    W is a row shard: the column statistics, sum(R), sum(u^2) and sum(W^2) are all-reduced over the group in one
+    collective per parameter, so sharded training gives the unsharded result. Gradient clipping, fp16 loss
+    scaling and the check pass work as in `LOMO`.
     """
 
     def __init__(self, params, lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, weight_decay=0.0,
                  clip_grad_norm=None, clip_grad_value=None, check_finite=False, loss_scale=2.0 ** 16,
-                 loss_scale_window=1000, stochastic_rounding=False, process_group=None):
+                 loss_scale_window=1000, stochastic_rounding=False, process_group=None,
+                 clip_grad_norm_scope="global"):
         if not clip_threshold > 0:
             raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
         if not decay_rate < 0:
@@ -297,42 +472,54 @@ class AdaLomo(_FusedOptimizer):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
-                         loss_scale_window, stochastic_rounding, process_group)
+                         loss_scale_window, stochastic_rounding, process_group, clip_grad_norm_scope)
 
-    def _update(self, param, p, g, coef, group):
-        g = g.float() if coef == 1.0 else g.float() * coef
+    def _update(self, param, p, g, coef, group, sq):
         eps1, eps2 = group["eps"]
         beta = 1.0 - (self.steps + 1) ** group["decay_rate"]
         rows, numel = self._global_size[param]
-        state = self.state[param]
-        g2 = g.pow(2).add_(eps1)
-        if p.dim() >= 2:
-            g, g2 = g.reshape(p.shape[0], -1), g2.reshape(p.shape[0], -1)  # (rows, cols)
+        state, coef2, f32 = self.state[param], coef * coef, dict(dtype=torch.float32, device=g.device)
+        if p.dim() >= 2:  # factored: g as (rows, cols); statistics of the true gradient coef * g
+            n_rows, cols = p.shape[0], math.prod(p.shape[1:])
+            g, p = g.reshape(n_rows, cols), (p if p.dim() == 2 else p.view(n_rows, cols))
             if not state:
-                state["row"] = g.new_zeros(g.shape[0])
-                state["col"] = g.new_zeros(g.shape[1])
-            row = beta * state["row"] + (1 - beta) * g2.mean(dim=1)
-            sums = self._all_reduce(torch.cat([g2.sum(dim=0), row.sum().reshape(1)]))
-            col = beta * state["col"] + (1 - beta) * sums[:-1] / rows
-            row_mean = sums[-1] / rows
-            u = g * (row / row_mean).rsqrt()[:, None] * col.rsqrt()[None, :]
-            new_state = {"row": row, "col": col}
+                state["row"], state["col"] = torch.zeros(n_rows, **f32), torch.zeros(cols, **f32)
+            row, col_sq, col_c = torch.empty(n_rows, **f32), torch.zeros(cols, **f32), torch.zeros(cols, **f32)
+            w_sq, g_sq, chunk = torch.zeros((), **f32), torch.zeros((), **f32), _rows_per_chunk(g)
+            for start, gc, pc in zip(range(0, n_rows, chunk), g.split(chunk), p.split(chunk)):  # read 1 of g
+                row_sq = torch.linalg.vector_norm(gc, dim=1, dtype=torch.float32).square_()
+                r = row[start:start + gc.shape[0]]
+                r.copy_(beta * state["row"][start:start + gc.shape[0]] + (1 - beta) * (coef2 * row_sq / cols + eps1))
+                col_sq += torch.linalg.vector_norm(gc, dim=0, dtype=torch.float32).square_()
+                col_c += torch.linalg.vector_norm(gc * r.rsqrt()[:, None], dim=0).square_()
+                w_sq += _sq_norm(pc)
+                g_sq += row_sq.sum()
+            stats = self._all_reduce(torch.cat([col_sq, col_c, row.sum().reshape(1), w_sq.reshape(1)]))
+            col = beta * state["col"] + (1 - beta) * (coef2 * stats[:cols] / rows + eps1)
+            row_mean = stats[-2] / rows
+            sum_u2 = coef2 * row_mean * (stats[cols:2 * cols] / col).sum()
+            w_sq, new_state = stats[-1], {"row": row, "col": col}
+        else:  # a vector: an unfactored second moment; small, in one piece
+            g, p = g.reshape(-1), p.view(-1)
+            if not state:
+                state["sq"] = torch.zeros(g.shape, **f32)
+            gf = g.float()
+            v = beta * state["sq"] + (1 - beta) * (coef2 * gf * gf + eps1)
+            t = gf * v.rsqrt()  # u / coef
+            g_sq = gf.square().sum()
+            stats = self._all_reduce(torch.stack([coef2 * t.square().sum(), _sq_norm(p)]))
+            sum_u2, w_sq, new_state = stats[0], stats[1], {"sq": v}
+        finite = torch.isfinite(sum_u2) & torch.isfinite(w_sq)
+        self._record(g_sq, finite) if sq is None else self._ok.logical_and_(finite)  # sq: already recorded
+        step = group["lr"] * (w_sq / numel).sqrt().clamp(min=eps2)
+        factor = -coef * step / ((sum_u2 / numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
+        decay = 1 - step * group["weight_decay"] if group["weight_decay"] else None
+        ok = self._ok if self._guarded else None  # the flag that selects the update, if one is needed
+        if p.dim() == 2:
+            a, b = factor * (row_mean / row).sqrt(), col.rsqrt()[None, :]  # u * factor = (g * a_i) * b_j
+            for gc, pc, ac in zip(g.split(chunk), p.split(chunk), a.split(chunk)):  # read 2 of g
+                _apply_(pc, gc * ac[:, None], b, decay, ok, self.stochastic_rounding)
         else:
-            if not state:
-                state["sq"] = torch.zeros_like(g)
-            sq = beta * state["sq"] + (1 - beta) * g2
-            u = g * sq.rsqrt()
-            new_state = {"sq": sq}
-        w = p.float()
-        sums = self._all_reduce(torch.stack([u.pow(2).sum(), w.pow(2).sum()]))
-        if not torch.isfinite(sums).all():
-            return False
-        rms_update, rms_param = (sums / numel).sqrt()
-        u.div_((rms_update / group["clip_threshold"]).clamp(min=1.0))
-        step_size = group["lr"] * rms_param.clamp(min=eps2)
-        if group["weight_decay"]:
-            w.mul_(1 - step_size * group["weight_decay"])
-        w.sub_(u.reshape(p.shape) * step_size)
-        self._write_back(p, w)
-        state.update(new_state)
-        return True
+            _apply_(p, t, factor, decay, ok, self.stochastic_rounding)
+        for key, value in new_state.items():  # the moments advance only with the parameter
+            state[key] = value if ok is None else torch.where(ok, value, state[key])

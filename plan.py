@@ -76,7 +76,7 @@ def print_plan(args):
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"--ckpt: {e}") from None
     nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype or "bf16"]
-    check = bool(args.clip_grad_norm) or args.dtype == "fp16"
+    check = bool(args.clip_grad_norm) and args.clip_grad_norm_scope == "global" or args.dtype == "fp16"
     common = dict(batch=args.batch_size, seq_len=args.max_len, nbytes=nbytes, check_pass=check)
     print(f"model {args.model or args.ckpt}: {sizes(margs)['total']:,} parameters; {args.dtype or 'bf16'}, batch {args.batch_size}"
           f" x {args.max_len} tokens per rank, {args.world_size} rank(s). Estimates per rank, GiB:")

@@ -11,7 +11,11 @@ One unit in one training step (see the README for the picture):
               ranks) into this rank's rows -> autograd accumulates them into the shard -> lomo.py's hook updates
               the shard and frees its gradient -> free the full weights and gradients
 The autograd Function `_GatherRun` does all of this, so lomo.py never learns that the model is sharded.
+`NonFiniteGuard` (both backends) makes a non-finite gradient that any rank saw in a unit visible to every rank.
 """
+import math
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -41,6 +45,32 @@ def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(rows, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+class NonFiniteGuard:
+    """Makes every rank stop LOMO's single-pass updates at the same unit (lomo.py stops at the first non-finite
+    gradient its hooks see, and each rank sees only its own rows).
+
+    Called on each unit's reduce-scattered gradient buffer (this rank's rows of every parameter of the unit)
+    before the optimizer's hooks see it: one all-reduce of the buffer's sum (4 bytes) per unit; when that sum is
+    non-finite, here or on any rank, or was at an earlier unit of this backward pass, NaN is added to the whole
+    buffer on every rank, otherwise 0.0 (one pass over this rank's gradient rows). So updates stop at the first
+    unit in which any rank saw a non-finite gradient, on every rank, whatever the order of the hooks within it.
+    reset() at each forward pass."""
+
+    def __init__(self, group=None):
+        self.group, self.poison = group, None
+
+    def reset(self):
+        self.poison = None
+
+    @torch.no_grad()
+    def __call__(self, flat: torch.Tensor):
+        total = flat.sum(dtype=torch.float32).reshape(1)
+        dist.all_reduce(total, group=self.group)  # non-finite on every rank if it is on any
+        poison = torch.where(torch.isfinite(total), 0.0, math.nan)  # NaN stays NaN when added: sticky
+        self.poison = poison if self.poison is None else self.poison + poison
+        flat.add_(self.poison.to(flat.dtype))
 
 
 class ShardedUnit(nn.Module):
@@ -79,6 +109,7 @@ class ShardedUnit(nn.Module):
                 nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
                 for (a, b), s in zip(self.ranges[self.rank], self.shapes))
         self.next_unit = self.prev_unit = None  # prefetch order, set by ShardedTransformer
+        self.guard = None  # a NonFiniteGuard shared by the model's units, set by ShardedTransformer
         self._pending = None
 
     def prefetch(self):
@@ -116,6 +147,8 @@ class ShardedUnit(nn.Module):
                 flat[r, self.offsets[r][i]:self.offsets[r][i] + self.numels[r][i]] = grad[start:stop].reshape(-1)
         out = flat.new_empty(self.chunk)
         reduce_scatter(out, flat.view(-1), self.group)
+        if self.guard is not None:
+            self.guard(out)
         return [out[o:o + s.numel()].view(s.shape) for o, s in zip(self.offsets[self.rank], self.shards)]
 
     def forward(self, *inputs):
@@ -200,6 +233,10 @@ class ShardedTransformer(nn.Module):
             self.output = ShardedUnit(logits, "tok_embeddings.", group, device, dtype, tied_to=self.embed)
         else:
             self.head, self.output = shard(Head(model.norm, model.output), ""), None
+        self.guard = NonFiniteGuard(group)
+        for module in self.modules():  # every unit that reduce-scatters, a tied output head included
+            if isinstance(module, ShardedUnit):
+                module.guard = self.guard
         if unit == "block":
             chain = [self.embed, *self.layers, self.head] + ([self.output] if self.output else [])
             for a, b in zip(chain, chain[1:]):  # plain attributes, not child modules (that would be a cycle)
@@ -212,6 +249,7 @@ class ShardedTransformer(nn.Module):
 
     def forward(self, tokens, logits_at=None):
         """tokens (B, T) -> logits (B, T, vocab) in fp32; with logits_at (N,), as model.Transformer, (N, vocab)."""
+        self.guard.reset()
         a = self.args
         freqs_cis = precompute_freqs_cis(a.head_dim, tokens.shape[1], a.rope_theta, tokens.device, a.rope_scaling)
         h = self.embed(tokens)
@@ -232,7 +270,8 @@ class ShardedTransformer(nn.Module):
 def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     """The reference backend: PyTorch's fully_shard on each block and on the root, with per-block activation
     checkpointing. Parameters are DTensors sharded by rows (torch.chunk sizes); lomo.py works on their local
-    tensors. Gradients are summed over ranks, as in the hand-written backend."""
+    tensors. Gradients are summed over ranks, as in the hand-written backend. A NonFiniteGuard runs on each
+    unit's reduce-scattered gradients (FSDP2's all-reduce hook, which fires after the reduce-scatter)."""
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
@@ -244,6 +283,14 @@ def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
     for module in [model, *model.layers]:
         module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a global mean
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    guard = NonFiniteGuard(mesh.get_group())
+    if hasattr(model, "set_all_reduce_hook"):
+        for module in [model, *model.layers]:
+            module.set_all_reduce_hook(guard)
+        model.register_forward_pre_hook(lambda module, args: guard.reset())
+    else:
+        warnings.warn("this torch has no FSDPModule.set_all_reduce_hook: with --sharding fsdp2, LOMO's single-pass "
+                      "updates after a non-finite gradient may stop at different units on different ranks")
     return model
 
 

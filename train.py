@@ -31,8 +31,8 @@ import plan
 import rundir
 import shard
 import superglue
-from lomo import LOMO, AdaLomo
 from checkpoint import open_checkpoint
+from lomo import CLIP_SCOPES, LOMO, AdaLomo
 from formats import CheckpointError, meta_params
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, random_weights
 from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
@@ -89,8 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="sequences per rank and step")
     p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"), help="after warm-up")
     p.add_argument("--warmup-ratio", type=float, help="fraction of the steps spent warming up")
-    p.add_argument("--clip-grad-norm", type=float, help="global L2 clipping, 0 for none; LOMO then runs 2 "
-                   "backward passes")
+    p.add_argument("--clip-grad-norm", type=float, help="L2 norm clipping, 0 for none; with the global scope "
+                   "LOMO then runs 2 backward passes")
+    p.add_argument("--clip-grad-norm-scope", default="global", choices=CLIP_SCOPES, help="global: one norm over "
+                   "all gradients; tensor: each parameter clipped by its own norm (grouped clipping, 1 pass)")
     p.add_argument("--clip-grad-value", type=float, help="clamp each gradient element to +-value")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled")
     p.add_argument("--stochastic-rounding", action="store_true", help="round bf16 updates stochastically")
@@ -329,8 +331,8 @@ def build_optimizer(args, model, world):
         group = dist.group.WORLD  # FSDP2's mesh is the whole world too
     cls = LOMO if args.optimizer == "lomo" else AdaLomo
     return cls(model.parameters(), lr=args.lr, clip_grad_norm=args.clip_grad_norm,
-               clip_grad_value=args.clip_grad_value, weight_decay=args.weight_decay,
-               stochastic_rounding=args.stochastic_rounding, process_group=group)
+               clip_grad_norm_scope=args.clip_grad_norm_scope, clip_grad_value=args.clip_grad_value,
+               weight_decay=args.weight_decay, stochastic_rounding=args.stochastic_rounding, process_group=group)
 
 
 def lr_lambda(args, total_steps):
@@ -368,8 +370,10 @@ def train_step(args, model, opt, tokens, labels, world):
     if args.clip_grad_value:
         torch.nn.utils.clip_grad_value_(opt.model_params, args.clip_grad_value)
     if args.clip_grad_norm:
-        norm = torch.nn.utils.clip_grad_norm_(opt.model_params, args.clip_grad_norm)
-        row["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: DTensor
+        groups = [[p] for p in opt.model_params] if args.clip_grad_norm_scope == "tensor" else [opt.model_params]
+        norms = [torch.nn.utils.clip_grad_norm_(ps, args.clip_grad_norm) for ps in groups]
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2: DTensor
+        row["grad_norm"] = float(torch.stack(norms).norm())  # the global norm, before clipping
     opt.step()
     return global_loss, row
 

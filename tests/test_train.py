@@ -53,6 +53,7 @@ def _main_worker(rank, world, argv_list):
 CONFIGS = {  # name: flags; every one runs on 1 rank (batch 8) and on 2 ranks (batch 4 each)
     "lomo-value-block": ["--clip-grad-value", "0.05"],
     "lomo-norm-linear": ["--clip-grad-norm", "1.0", "--shard-unit", "linear"],
+    "lomo-tensor-norm-block": ["--clip-grad-norm", "0.5", "--clip-grad-norm-scope", "tensor"],
     "adalomo-block": ["--optimizer", "adalomo", "--lr", "0.01", "--weight-decay", "0.1"],
     "adalomo-norm-linear": ["--optimizer", "adalomo", "--lr", "0.01", "--clip-grad-norm", "1.0",
                             "--shard-unit", "linear"],
@@ -361,6 +362,12 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
     (ckpt / "rank0.pt").write_bytes(before["rank0.pt"][:100])
     with pytest.raises(SystemExit, match="corrupt"):
         train.main(flags + ["--save-dir", str(tmp_path / "c"), "--resume", str(ckpt)])
+
+
+def test_clip_grad_norm_scope_reaches_the_optimizer():
+    args = train.parse_args(["--clip-grad-norm", "1.0", "--clip-grad-norm-scope", "tensor"])
+    opt = train.build_optimizer(args, torch.nn.Linear(2, 2), world=1)
+    assert opt.clip_grad_norm_scope == "tensor" and not opt.check_pass  # grouped clipping: one backward pass
 
 
 def test_unfused_baselines_refuse_own_sharding():
