@@ -3,6 +3,7 @@
     python bench.py                                    # CPU: a 134M-parameter LLaMA, fp32, every method
     python bench.py --model 7b --dtype bf16            # one GPU: the paper's Table 1 setting
     torchrun --nproc_per_node 2 bench.py --sharded     # shard.py against FSDP2: time, memory, collective bytes
+    python bench.py --methods eval,eval-hf             # candidate scoring against transformers' LlamaForCausalLM
 
 Every method runs the same batch for a few warm-up steps, then several timed steps (tokens/s is the median).
 Peak memory: on GPU torch.cuda.max_memory_allocated; on CPU the live tensor storage bytes counted by
@@ -14,12 +15,15 @@ The floor is forward + backward with every gradient dropped as it arrives: no me
 can be faster, nor use less memory. lora is the LoRA baseline (AdamW on adapters, the weights frozen), lora-lomo
 LoRA + LOMO (the same adapters beside LOMO on every weight, in one backward pass); both with the official
 adapters: r 2 on wq and wv, alpha 16, dropout 0.05.
+The eval methods score candidate answers as train.py's evaluation does (eval), and as a plain transformers loop
+does (eval-hf), in this process: after a warm-up pass each (memory), they take turns for the timed passes.
 """
 import argparse
 import contextlib
 import inspect
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -31,17 +35,23 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+import data
 import shard
+import superglue
+from formats import hf_config
 from lomo import LOMO, AdaLomo
 from lora import LoRA
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy
 from optimizers import LORA_ADAMW, MasterAdamW, MasterSGD
 from plan import GiB, plan, sizes
+from tokenizer import open_tokenizer
 from train import RandomWeights, close_distributed
 
 METHODS = ("floor", "lomo", "lomo-clip", "lomo-clip-tensor", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed",
            "lora", "lora-lomo")
 LORA = dict(rank=2, alpha=16.0, dropout=0.05, targets=("wq", "wv"))  # the official LoRA runs' adapters
+EVAL_METHODS = ("eval", "eval-hf")  # candidate scoring: this project's, and transformers' written plainly
+REALDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "realdata")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The CPU default: GPT-2-small-sized LLaMA, 134M parameters. fp32, because this project's CPU (AMD EPYC, no
 # AVX512-BF16) runs bf16 matmuls 7 to 100 times slower than fp32 ones.
@@ -193,14 +203,20 @@ def random_batch(margs, batch, seq_len, device, seed=0):
     return tokens.to(device)
 
 
-def run_method(method, margs, dtype, device, batch, seq_len, warmup, steps, seed=0) -> dict:
-    """Build the model, run `warmup` tracked steps (memory) and `steps` timed ones (speed), in this process."""
+def random_model(margs, dtype, device) -> Transformer:
+    """Per-block activation checkpointing, as train.py; N(0, 0.02) weights and norms 1, as model.init_weights."""
     with torch.device("meta"):
-        model = Transformer(margs, checkpointing=True)  # per-block activation checkpointing, as train.py
+        model = Transformer(margs, checkpointing=True)
     model.to(dtype).to_empty(device=device)  # straight in the benchmark's dtype: no fp32 copy on the device
     with torch.no_grad():
-        for name, p in model.named_parameters():  # N(0, 0.02), norms 1: the scale of model.init_weights
+        for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return model
+
+
+def run_method(method, margs, dtype, device, batch, seq_len, warmup, steps, seed=0) -> dict:
+    """Build the model, run `warmup` tracked steps (memory) and `steps` timed ones (speed), in this process."""
+    model = random_model(margs, dtype, device)
     tokens = random_batch(margs, batch, seq_len, device, seed)
     params, adapters = list(model.parameters()), []
     if method.startswith("lora"):
@@ -248,11 +264,12 @@ def run_isolated(method, args) -> dict:
 def bench_methods(args, device) -> list:
     margs, dtype = model_args(args.model), DTYPES[args.dtype]
     rows = []
-    for method in args.methods:
+    train_methods = [m for m in args.methods if m not in EVAL_METHODS]
+    for method in train_methods:
         estimate = estimate_gib(method, margs, args.batch_size, args.seq_len, dtype.itemsize)
         if device.type == "cpu" and estimate > args.mem_limit_gib:
             row = {"method": method, "oom": f"plan estimate {estimate:.2f} GiB > --mem-limit-gib {args.mem_limit_gib}"}
-        elif args.isolate == "process" and len(args.methods) > 1:
+        elif args.isolate == "process" and len(train_methods) > 1:
             row = run_isolated(method, args)
         else:
             try:
@@ -261,6 +278,135 @@ def bench_methods(args, device) -> list:
                 row = {"method": method, "oom": str(e).split("\n")[0][:200]}
         rows.append({**row, "estimate_gib": estimate})
         print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # progress, in case of a timeout
+    if eval_methods := [m for m in args.methods if m in EVAL_METHODS]:  # in this process: they take turns
+        rows += run_evals(eval_methods, args, device)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- candidate scoring
+
+def synthetic_candidates(n, vocab_size, max_len, seed=0) -> list:
+    """n examples of random tokens shaped like SuperGLUE's, encoded as data.encode_candidates() encodes: BOS (1)
+    and a prompt of 64 to 448 tokens (at most max_len - 5), then 2 to 4 candidates of 1 to 4 tokens and EOS (2),
+    labelled (scored) after the prompt."""
+    gen = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        prompt = [1] + [gen.randrange(3, vocab_size) for _ in range(gen.randint(64, min(448, max_len - 5)))]
+        answers = [[gen.randrange(3, vocab_size) for _ in range(gen.randint(1, 4))] + [2]
+                   for _ in range(gen.randint(2, 4))]
+        examples.append([(prompt + a, [data.IGNORE_INDEX] * len(prompt) + a) for a in answers])
+    return examples
+
+
+def eval_candidates(args, margs) -> tuple[list, int, str]:
+    """(encoded candidates, pad id, what they are): the first --eval-examples (default 8) of the val.jsonl of every
+    SuperGLUE task in --data-dir, prompts cut to train.py's --max-len of 1,024 tokens; or synthetic ones (64)."""
+    max_len = min(1024, margs.max_seq_len)
+    if args.data_dir == "synthetic":
+        n = args.eval_examples or 64
+        return synthetic_candidates(n, margs.vocab_size, max_len), 0, f"{n} synthetic examples"
+    tok = open_tokenizer(args.tokenizer)
+    if tok.n_words > margs.vocab_size:
+        raise SystemExit(f"--tokenizer {args.tokenizer} has {tok.n_words} tokens, more than --model {args.model}'s "
+                         f"{margs.vocab_size} embedding rows: pick a larger model, or --data-dir synthetic")
+    tasks = [t for t in superglue.TASKS if os.path.isfile(os.path.join(args.data_dir, superglue.TASK_DIRS[t],
+                                                                        "val.jsonl"))]
+    if not tasks:
+        raise SystemExit(f"--data-dir {args.data_dir} holds no <Task>/val.jsonl of SuperGLUE")
+    examples = [ex for t in tasks for ex in superglue.load_task(t, args.data_dir, "val")[:args.eval_examples or 8]]
+    encoded = [data.encode_candidates(tok, ex, max_len) for ex in examples]
+    return encoded, tok.pad_id, f"{len(examples)} SuperGLUE val examples ({', '.join(tasks)}) from {args.data_dir}"
+
+
+def hf_scores(model, encoded, batch_size, pad_id, device) -> list[float]:
+    """Candidate scoring as a transformers user writes it: the sequences in their order, batch_size at a time,
+    padded on the right to the longest of each batch, logits at every position, log_softmax, gather."""
+    seqs = [seq for example in encoded for seq in example]
+    scores = []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start:start + batch_size]
+        tokens, labels = data.collate(batch, pad_id)
+        mask = torch.tensor([[1] * len(ids) + [0] * (tokens.shape[1] - len(ids)) for ids, _ in batch])
+        logits = model(input_ids=tokens.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = labels[:, 1:].to(device)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)         # (B, T-1)
+        scores += (picked * (targets != data.IGNORE_INDEX)).sum(dim=1).tolist()
+    return scores
+
+
+def hf_model(margs, dtype, device):
+    """transformers' LlamaForCausalLM with margs's shape, random weights, made on `device` in `dtype`."""
+    import transformers
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(margs))).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def padding_share(batches: list[list[int]]) -> float:
+    """Padded positions / all positions, of batches given as their sequences' lengths."""
+    total = sum(max(lengths) * len(lengths) for lengths in batches)
+    return 1 - sum(map(sum, batches)) / total if total else 0.0
+
+
+def scorer(method, margs, dtype, device, encoded, batch_size, pad_id):
+    """(score(), model, the batches' lengths) for `method`: this project's scoring or transformers' plain one."""
+    if method == "eval":
+        model = random_model(margs, dtype, device)
+        batches = data.scoring_batches([[len(ids) for ids, _ in e] for e in encoded], batch_size)
+        return (lambda: data.score_sequences(lambda tokens, at: model(tokens.to(device), at.to(device)),
+                                             encoded, batch_size, pad_id),
+                model, [[len(encoded[i][j][0]) for i, j in b] for b in batches])
+    lengths = [len(ids) for example in encoded for ids, _ in example]
+    model = hf_model(margs, dtype, device)
+    return (lambda: hf_scores(model, encoded, batch_size, pad_id, device), model,
+            [lengths[start:start + batch_size] for start in range(0, len(lengths), batch_size)])
+
+
+@torch.no_grad()
+def run_evals(methods, args, device) -> list:
+    """Each scorer scores every candidate `warmup` times (its peak memory measured), then the scorers take turns
+    for `steps` timed passes each, so that a change in the machine's load affects them alike. tokens/s counts
+    the candidates' tokens, not the padding, over the median pass; the spread is the slowest / fastest pass."""
+    margs, dtype = model_args(args.model), DTYPES[args.dtype]
+    encoded, pad_id, what = eval_candidates(args, margs)
+    n_tokens = sum(len(ids) for example in encoded for ids, _ in example)
+    rows, scorers, resident = [], {}, 0
+    for method in methods:
+        try:
+            score, model, batches = scorer(method, margs, dtype, device, encoded, args.eval_batch_size, pad_id)
+        except ImportError:
+            rows.append({"method": method, "error": "transformers is not installed (pip install -r "
+                         "requirements-test.txt)"})
+            continue
+        with peak_memory(device, list(model.parameters())) as mem:
+            for _ in range(max(1, args.warmup)):
+                score()
+        # on GPU the scorers built before are resident too; the CPU tracker counts only this one's tensors
+        peak = mem["gib"] - (resident / GiB if device.type == "cuda" else 0)
+        resident += sum(p.numel() * p.element_size() for p in model.parameters())
+        scorers[method] = score
+        rows.append({"method": method, "peak_gib": peak, "padding": padding_share(batches), "times": []})
+    for _ in range(args.steps):
+        for row in rows:
+            if row["method"] in scorers:
+                sync(device)
+                start = time.perf_counter()
+                scorers[row["method"]]()
+                sync(device)
+                row["times"].append(time.perf_counter() - start)
+    for row in rows:
+        if "times" in row:
+            times = row.pop("times")
+            row.update(pass_s=statistics.median(times), spread=max(times) / min(times),
+                       tokens_per_s=n_tokens / statistics.median(times))
+        row.update(sequences=sum(map(len, encoded)), tokens=n_tokens, candidates=what)
     return rows
 
 
@@ -405,6 +551,26 @@ def print_sharded(rows, args, device, memory_how):
           f"= {own['peak_gib'] / fsdp['peak_gib']:.2f} (target <= 1)")
 
 
+def print_eval(rows, args, device, memory_how):
+    margs = model_args(args.model)
+    what = next((r["candidates"] for r in rows if "candidates" in r), "")
+    print(f"candidate scoring, model {args.model}: {sizes(margs)['total'] / 1e6:.3g}M parameters, {args.dtype}, "
+          f"{args.eval_batch_size} sequences per batch, {args.warmup} warm-up + {args.steps} timed passes over "
+          f"{what}, on {device_name(device)}")
+    print(f"peak memory: {memory_how}; tokens/s: the candidates' tokens (not the padding) / the median pass; the "
+          f"scorers take turns; spread: slowest / fastest pass\n")
+    hf = next((r for r in rows if r["method"] == "eval-hf" and "pass_s" in r), None)
+    print(f"{'method':>8} {'sequences':>9} {'tokens':>8} {'padding':>8} {'peak GiB':>9} {'pass s':>8} {'spread':>7} "
+          f"{'tokens/s':>9} {'vs eval-hf':>10}")
+    for r in rows:
+        if "pass_s" not in r:
+            print(f"{r['method']:>8} {'ERROR':>9}   {r['error']}")
+            continue
+        speed = f"{r['tokens_per_s'] / hf['tokens_per_s']:>10.2f}" if hf else f"{'':>10}"
+        print(f"{r['method']:>8} {r['sequences']:>9} {r['tokens']:>8} {r['padding']:>8.1%} {r['peak_gib']:>9.4g} "
+              f"{r['pass_s']:>8.2f} {r['spread']:>7.2f} {r['tokens_per_s']:>9.1f} {speed}")
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -420,13 +586,27 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 512 on GPU, 64 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps, during which memory is measured")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}; "
+                   f"and candidate scoring: {', '.join(EVAL_METHODS)} (this project's; transformers', if installed)")
     p.add_argument("--mem-limit-gib", type=float, help="CPU only: methods whose plan estimate exceeds this are "
                    "reported as OOM without running (default: half the machine's memory)")
     p.add_argument("--isolate", default="process", choices=("process", "none"),
-                   help="process: each method in a fresh process; none: one after another in this one")
+                   help="process: each training method in a fresh process; none: one after another in this one "
+                   "(eval methods always run in this one, taking turns)")
     p.add_argument("--sharded", action="store_true", help="under torchrun: shard.py (block units) against FSDP2")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    superglue_dir = os.path.join(REALDATA, "superglue")
+    real_tokenizer = os.path.join(REALDATA, "llama_tokenizer.model")
+    has_realdata = os.path.isdir(superglue_dir) and os.path.isfile(real_tokenizer)
+    p.add_argument("--data-dir", default=superglue_dir if has_realdata else "synthetic",
+                   help="eval: SuperGLUE folder whose <Task>/val.jsonl are scored, or 'synthetic' (random tokens of "
+                   "SuperGLUE's lengths); default: ../shared/realdata/superglue when present, else synthetic")
+    p.add_argument("--tokenizer", default=real_tokenizer if has_realdata else None,
+                   help="eval: the tokenizer for --data-dir (default: ../shared/realdata/llama_tokenizer.model)")
+    p.add_argument("--eval-examples", type=int, help="eval: the first N examples of each task (default 8), or N "
+                   "synthetic examples (default 64)")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="eval: sequences per batch (default 16: "
+                   "train.py's for SuperGLUE, which its evaluation uses)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     args.model = args.model or ("7b" if gpu else "small")
@@ -437,10 +617,16 @@ def parse_args(argv=None):
         args.mem_limit_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / 2
     if args.model not in BENCH_MODELS and args.model.lower() not in MODEL_NAMES:
         p.error(f"--model {args.model!r} is unknown: choose one of {', '.join([*BENCH_MODELS, *MODEL_NAMES])}")
-    if unknown := [m for m in args.methods if m not in METHODS]:
-        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    for flag in ("batch_size", "seq_len", "steps"):
-        if getattr(args, flag) < 1:
+    if unknown := [m for m in args.methods if m not in METHODS + EVAL_METHODS]:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS + EVAL_METHODS)}")
+    if any(m in EVAL_METHODS for m in args.methods) and args.data_dir != "synthetic":
+        if not os.path.isdir(args.data_dir):
+            p.error(f"--data-dir {args.data_dir} is not a folder: give a SuperGLUE folder, or 'synthetic'")
+        if not args.tokenizer or not os.path.isfile(args.tokenizer):
+            p.error(f"--tokenizer {args.tokenizer} not found: --data-dir {args.data_dir} needs one (or use "
+                    "--data-dir synthetic)")
+    for flag in ("batch_size", "seq_len", "steps", "eval_batch_size", "eval_examples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.seq_len < 2 or args.seq_len > model_args(args.model).max_seq_len:
         p.error(f"--seq-len must be in 2..{model_args(args.model).max_seq_len} (the model's max_seq_len)")
@@ -473,8 +659,13 @@ def main(argv=None):
     rows = bench_methods(args, device)
     if args.json:
         print(json.dumps({"device": device_name(device), "memory": memory_how, "results": rows}))
-    else:
-        print_methods(rows, args, device, memory_how)
+        return rows
+    train_rows = [r for r in rows if r["method"] not in EVAL_METHODS]
+    if train_rows:
+        print_methods(train_rows, args, device, memory_how)
+    if len(train_rows) < len(rows):
+        print("\n" if train_rows else "", end="")
+        print_eval([r for r in rows if r["method"] in EVAL_METHODS], args, device, memory_how)
     return rows
 
 

@@ -243,42 +243,63 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch
     return tokens, labels
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> (B,) summed log-likelihood of the labelled tokens, in fp32.
-    labels[:, t] is predicted by logits[:, t-1]; -100 is ignored."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]                 # (B, T-1, V), (B, T-1)
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.sum(dim=1)                                                  # (B,)
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) labels -> flat indices b * T + t (N,) of the positions whose next token is scored, and those tokens
+    (N,): position t predicts labels[:, t + 1], and -100 is not scored."""
+    b, t = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)        # (N,), (N,)
+    return b * labels.shape[1] + t, labels[b, t + 1]
 
 
-def candidate_batches(n_candidates: list[int], batch_size: int) -> list[list[int]]:
-    """Group example indices so that all candidates of an example share one batch of at most batch_size
-    sequences (an example with more candidates than batch_size gets a batch of its own)."""
-    batches, current, size = [], [], 0
-    for i, n in enumerate(n_candidates):
-        if current and size + n > batch_size:
-            batches.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    return batches + [current] if current else batches
+def sequence_logprobs(logits_fn, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) tokens and labels -> (B,) summed log-likelihood of each sequence's labelled tokens, in fp32.
+    logits_fn(tokens, logits_at) returns the logits at the scored positions only, (N, V): the output projection
+    and the log-softmax of the prompt's positions (hundreds per answer token) are never computed."""
+    positions, targets = scored_positions(labels)
+    logits = logits_fn(tokens, positions)                                   # (N, V)
+    token_logprobs = -F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")  # (N,)
+    rows = (positions // tokens.shape[1]).to(logits.device)                 # (N,) the sequence of each
+    return logits.new_zeros(len(tokens), dtype=torch.float32).index_add_(0, rows, token_logprobs)
+
+
+def scoring_batches(lengths: list[list[int]], batch_size: int) -> list[list[tuple[int, int]]]:
+    """(example, candidate) pairs in batches of at most batch_size sequences, longest first: neighbours in length
+    share a batch, so that little of it is padding, and the largest batch runs first (memory runs out at once,
+    if it does). lengths[i][j]: tokens of example i's candidate j. An example's candidates need not share a batch:
+    each sequence's score is its own."""
+    order = sorted(((i, j) for i, seqs in enumerate(lengths) for j in range(len(seqs))),
+                   key=lambda ij: -lengths[ij[0]][ij[1]])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def count_scoring_batches(n_sequences: int, batch_size: int) -> int:
+    """How many batches scoring_batches() makes of n_sequences, known before anything is encoded."""
+    return -(-n_sequences // batch_size)
 
 
 @torch.no_grad()
+def score_sequences(logits_fn, encoded: list[list[tuple[list[int], list[int]]]], batch_size: int,
+                    pad_id: int) -> list[list[float]]:
+    """sequence_logprobs() of every (ids, labels) encoded[i][j], batched by scoring_batches(); the same nesting."""
+    batches = scoring_batches([[len(ids) for ids, _ in seqs] for seqs in encoded], batch_size)
+    per_batch = []
+    for batch in batches:
+        tokens, labels = collate([encoded[i][j] for i, j in batch], pad_id)
+        per_batch.append(sequence_logprobs(logits_fn, tokens, labels))     # (B,), left on the device
+    flat = torch.cat(per_batch).tolist() if per_batch else []              # one host synchronisation
+    scores = [[0.0] * len(seqs) for seqs in encoded]
+    for (i, j), score in zip([ij for batch in batches for ij in batch], flat):
+        scores[i][j] = score
+    return scores
+
+
 def score_candidates(logits_fn, tok: Tokenizer, examples: list[Example], max_len: int,
                      batch_size: int) -> list[list[float]]:
     """Summed log-likelihood of every candidate's tokens and the EOS after them, given the prompt. The paper's
     code counts EOS too, which stops a prefix ("Morgan") from beating the full answer ("Tracy Morgan").
-    logits_fn maps (B, T) tokens on the CPU to (B, T, V) logits (it moves them to its device itself)."""
+    logits_fn(tokens, logits_at) maps (B, T) tokens and flat positions b * T + t (N,), both on the CPU, to the
+    logits at those positions (N, V), as model.Transformer's forward does (it moves them to its device itself)."""
     encoded = [encode_candidates(tok, ex, max_len) for ex in examples]
-    scores = [None] * len(examples)
-    for batch in candidate_batches([len(e) for e in encoded], batch_size):
-        tokens, labels = collate([seq for i in batch for seq in encoded[i]], tok.pad_id)
-        logits = logits_fn(tokens)                                          # (B, T, V)
-        flat = sequence_logprobs(logits, labels.to(logits.device)).tolist()
-        for i in batch:
-            scores[i], flat = flat[:len(encoded[i])], flat[len(encoded[i]):]
-    return scores
+    return score_sequences(logits_fn, encoded, batch_size, tok.pad_id)
 
 
 def predict(examples: list[Example], scores: list[list[float]]) -> list[int]:

@@ -203,7 +203,7 @@ class TransformerBlock(nn.Module):
 
 
 class TiedLogits(torch.autograd.Function):
-    """F.linear(h, weight) for a weight that is also the embedding, h (B, T, dim) -> (B, T, vocab), whose weight
+    """F.linear(h, weight) for a weight that is also the embedding, h (..., dim) -> (..., vocab), whose weight
     gradient is a tensor of its own (F.linear's is a transposed view), so that autograd adds the embedding's into it
     in place: 2 gradients of the tied weight's size at the end of the backward pass, not 3 (tests/test_plan.py)."""
 
@@ -213,7 +213,7 @@ class TiedLogits(torch.autograd.Function):
         return F.linear(h, weight)
 
     @staticmethod
-    def backward(ctx, grad):  # grad (B, T, vocab)
+    def backward(ctx, grad):  # grad (..., vocab)
         h, weight = ctx.saved_tensors
         return grad @ weight, grad.flatten(0, -2).t().mm(h.flatten(0, -2))  # (B, T, dim), (vocab, dim)
 
@@ -230,8 +230,9 @@ class Transformer(nn.Module):
         # both gradients before its post-accumulate-grad hook fires, once).
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size) in float32."""
+    def forward(self, tokens: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size) in float32. With logits_at, flat indices b * T + t (N,) of
+        the positions wanted, only their logits (N, vocab_size): scoring an answer needs a few of them."""
         a, T = self.args, tokens.shape[1]
         if T > a.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={a.max_seq_len}")
@@ -242,6 +243,8 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis)
+        if logits_at is not None:
+            h = h.flatten(0, 1)[logits_at]  # (N, dim)
         if self.output is None:
             return TiedLogits.apply(self.norm(h), self.tok_embeddings.weight).float()
         return self.output(self.norm(h)).float()

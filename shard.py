@@ -217,7 +217,7 @@ class _GatherRun(torch.autograd.Function):
 
 
 class Head(nn.Module):
-    """The final norm and the output projection, as one unit: h (B, T, dim) -> logits (B, T, vocab) in fp32."""
+    """The final norm and the output projection, as one unit: h (..., dim) -> logits (..., vocab) in fp32."""
 
     def __init__(self, norm, output):
         super().__init__()
@@ -278,8 +278,8 @@ class ShardedTransformer(nn.Module):
         """The units that own their shards, in model order (a tied output head is not one of them)."""
         return [m for m in self.modules() if isinstance(m, ShardedUnit) and m.tied_to is None]
 
-    def forward(self, tokens):
-        """tokens (B, T) -> logits (B, T, vocab) in fp32."""
+    def forward(self, tokens, logits_at=None):
+        """tokens (B, T) -> logits (B, T, vocab) in fp32; with logits_at (N,), as model.Transformer, (N, vocab)."""
         self.guard.reset()
         a = self.args
         freqs_cis = precompute_freqs_cis(a.head_dim, tokens.shape[1], a.rope_theta, tokens.device, a.rope_scaling)
@@ -289,6 +289,8 @@ class ShardedTransformer(nn.Module):
                 h = checkpoint(layer, h, freqs_cis, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis)
+        if logits_at is not None:
+            h = h.flatten(0, 1)[logits_at]  # (N, dim)
         if self.output is None:
             return self.head(h)  # norm and output layer in one unit
         return self.output(self.head(h)).float()

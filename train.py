@@ -353,18 +353,18 @@ def train_step(args, model, opt, tokens, labels, world):
 @torch.no_grad()
 def evaluate(model, tok, examples, args, rank, world, device, desc="eval"):
     """Score every candidate of every example (each rank a slice), gather the scores. Every rank runs the same
-    number of forward passes: a rank with fewer batches runs dropped batches of padding. Rank 0 shows a bar."""
+    number of forward passes: a rank with fewer batches runs dropped one-token passes. Rank 0 shows a bar."""
     mine = list(range(rank, len(examples), world))
-    batches = data.candidate_batches([len(examples[i].candidates) for i in mine], args.batch_size)
-    n_forwards = int(all_reduce(len(batches), world, dist.ReduceOp.MAX))
+    n_batches = data.count_scoring_batches(sum(len(examples[i].candidates) for i in mine), args.batch_size)
+    n_forwards = int(all_reduce(n_batches, world, dist.ReduceOp.MAX))
     bar = tqdm(total=n_forwards, desc=desc, unit="batch", disable=rank != 0, leave=False)
 
-    def logits_fn(tokens):
+    def logits_fn(tokens, logits_at):
         bar.update(1)
-        return model(tokens.to(device))
+        return model(tokens.to(device), logits_at.to(device))
     scores = data.score_candidates(logits_fn, tok, [examples[i] for i in mine], args.max_len, args.batch_size)
-    for _ in range(n_forwards - len(batches)):
-        data.score_candidates(logits_fn, tok, examples[:1], args.max_len, args.batch_size)  # dropped
+    for _ in range(n_forwards - n_batches):  # dropped: the other ranks' forward passes need this rank's collectives
+        logits_fn(torch.tensor([[tok.bos_id]]), torch.tensor([0]))
     bar.close()
     gathered = [(i, s) for i, s in zip(mine, scores)]
     if world > 1:

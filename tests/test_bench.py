@@ -1,13 +1,18 @@
 """bench.py: the memory tracker against known allocations, a smoke run of every method, and the collective
 bytes of the sharded run against a count made here from the shapes."""
 import argparse
+import dataclasses
+import os
 
 import pytest
 import torch
 
 import bench
+import data
+import superglue
 from dist_utils import run_workers
 from model import param_shapes
+from tokenizer import open_tokenizer
 
 MINI = ["--model", "mini", "--seq-len", "16", "--warmup", "1", "--steps", "1"]
 
@@ -80,9 +85,46 @@ def test_a_method_runs_in_a_fresh_process():
     assert row["method"] == "lomo" and row["peak_gib"] > 0, row
 
 
+def test_eval_scores_every_candidate_token_with_less_padding(capsys):
+    """Both scorers see the same synthetic candidates; tokens/s counts their tokens (not the padding)."""
+    rows = bench.main(MINI + ["--methods", "floor,eval,eval-hf", "--data-dir", "synthetic", "--eval-examples", "5",
+                              "--eval-batch-size", "4", "--steps", "2"])
+    floor, ours, hf = rows
+    assert floor["method"] == "floor" and floor["peak_gib"] > 0  # a training method still runs beside them
+    encoded = bench.synthetic_candidates(5, 256, 1024)
+    assert ours["tokens"] == sum(len(ids) for example in encoded for ids, _ in example)
+    assert ours["sequences"] == sum(map(len, encoded)) and ours["spread"] >= 1
+    assert ours["peak_gib"] > 0 and ours["tokens_per_s"] == pytest.approx(ours["tokens"] / ours["pass_s"])
+    lengths = [len(ids) for example in encoded for ids, _ in example]
+    in_order = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]  # transformers' batches: the data's order
+    assert ours["padding"] < bench.padding_share(in_order)
+    out = capsys.readouterr().out
+    if "error" in hf:  # transformers is a test-only dependency
+        assert "transformers is not installed" in hf["error"] and "ERROR" in out
+    else:
+        assert hf["tokens"] == ours["tokens"] and hf["padding"] == pytest.approx(bench.padding_share(in_order))
+        assert "vs eval-hf" in out and "1.00" in out
+
+
+def test_eval_reads_superglue_with_the_real_tokenizer(capsys):
+    if not os.path.isdir(os.path.join(bench.REALDATA, "superglue")):
+        pytest.skip("../shared/realdata is absent")
+    args = bench.parse_args(["--model", "mini", "--methods", "eval", "--eval-examples", "2"])  # real data: the default
+    margs = dataclasses.replace(bench.model_args("mini"), vocab_size=32000)
+    encoded, pad_id, what = bench.eval_candidates(args, margs)
+    tok = open_tokenizer(args.tokenizer)
+    examples = [ex for task in superglue.TASKS for ex in superglue.load_task(task, args.data_dir, "val")[:2]]
+    assert encoded == [data.encode_candidates(tok, ex, 1024) for ex in examples] and pad_id == tok.pad_id
+    assert "16 SuperGLUE val examples" in what
+    with pytest.raises(SystemExit, match="has 32000 tokens, more than --model mini's 256 embedding rows"):
+        bench.eval_candidates(args, bench.model_args("mini"))
+
+
 def test_bad_flags_are_rejected_with_the_flag_named(capsys):
     for argv, flag in ((["--methods", "lomo,adam"], "--methods"), (["--model", "8b"], "--model"),
-                       (["--sharded"], "--sharded")):
+                       (["--sharded"], "--sharded"), (["--methods", "eval", "--data-dir", "nowhere"], "--data-dir"),
+                       (["--methods", "eval", "--data-dir", ".", "--tokenizer", "no.model"], "--tokenizer"),
+                       (["--eval-examples", "0"], "--eval-examples")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert flag in capsys.readouterr().err

@@ -49,22 +49,30 @@ def test_sequence_logprobs_matches_loop():
         for t in range(1, 5):
             if labels[b, t] != -100:
                 expected[b] += torch.log_softmax(logits[b, t - 1], dim=-1)[labels[b, t]]
-    assert torch.allclose(data.sequence_logprobs(logits, labels), expected, atol=1e-5)
-    out = data.sequence_logprobs(logits.bfloat16(), labels)
+    asked = []
+
+    def logits_fn(tokens, logits_at):
+        asked.append(logits_at.tolist())
+        return logits.flatten(0, 1)[logits_at]
+
+    tokens = torch.zeros_like(labels)  # what the rigged logits_fn is given does not matter
+    assert torch.allclose(data.sequence_logprobs(logits_fn, tokens, labels), expected, atol=1e-5)
+    assert asked == [[1, 2, 5, 6, 7, 8]]  # b * T + t of the positions before each label, and only those
+    out = data.sequence_logprobs(lambda tokens, at: logits.bfloat16().flatten(0, 1)[at], tokens, labels)
     assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=0.1)
 
 
 def believer(preferred, n_words, confidence=10.0):
     """A rigged causal 'model': wherever the tokens so far are a prefix of `preferred`, it puts logit
     `confidence` on the next token of `preferred`; every other logit is 0."""
-    def logits_fn(tokens):
+    def logits_fn(tokens, logits_at):
         logits = torch.zeros(*tokens.shape, n_words)
         for b, row in enumerate(tokens.tolist()):
             for t in range(min(len(row), len(preferred) - 1)):
                 if row[:t + 1] != preferred[:t + 1]:
                     break
                 logits[b, t, preferred[t + 1]] = confidence
-        return logits
+        return logits.flatten(0, 1)[logits_at]
     return logits_fn
 
 
@@ -90,14 +98,14 @@ def test_eos_keeps_a_prefix_from_winning(tok):
     assert data.predict([ex, ex], scores) == [1, 1]
     no_eos = [(ids, labels[:-1] + [-100]) for ids, labels in ((short_ids, short_labels), (long_ids, long_labels))]
     tokens, labels = data.collate(no_eos, tok.pad_id)
-    without_eos = data.sequence_logprobs(model(tokens), labels)
+    without_eos = data.sequence_logprobs(model, tokens, labels)
     assert without_eos[0] > without_eos[1]
 
 
 def sequence_model(probs, n_words):
     """A rigged causal 'model' that gives each whole token sequence in `probs` its probability: at every position
     the next token follows the sequences that agree with the tokens so far (every other token gets ~0)."""
-    def logits_fn(tokens):
+    def logits_fn(tokens, logits_at):
         logits = torch.full((*tokens.shape, n_words), -1e4)
         for b, row in enumerate(tokens.tolist()):
             for t in range(len(row)):
@@ -107,7 +115,7 @@ def sequence_model(probs, n_words):
                         following[seq[t + 1]] += p
                 for token, p in following.items():
                     logits[b, t, token] = math.log(p / sum(following.values()))
-        return logits
+        return logits.flatten(0, 1)[logits_at]
     return logits_fn
 
 
@@ -136,10 +144,6 @@ def test_every_candidate_shares_the_prompt_prefix(real_tok):
         assert answer_part(real_tok, ids, labels) == answer
     assert [ids[n] for ids, _ in encoded].count(29871) == 3  # the lone '▁' is scored for 3-D, 東京 and 🙂
     assert data.encode_train(real_tok, ex, 256) == encoded[2]
-
-
-def test_candidate_batches_keep_examples_whole():
-    assert data.candidate_batches([2, 2, 3, 1, 5], 4) == [[0, 1], [2, 3], [4]]
 
 
 # ---------------------------------------------------------------------------------- batches and the demo task
