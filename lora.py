@@ -103,6 +103,8 @@ class LoRA(nn.Module):
         sharding layers attach to the model they shard, before sharding it)."""
         for name, adapter in self.adapters().items():
             linear = model.get_submodule(name)
+            if any(linear is attached for attached, _ in self._attached):
+                raise ValueError(f"{name} already has this LoRA's adapter: attach it once")
             linear.register_forward_hook(partial(_add_update, adapter))
             self._attached.append((linear, adapter))
 

@@ -143,39 +143,38 @@ class Optimizers:
             info = self.base.fused_backward(loss)
             row = {"skipped": info.skipped, "grad_norm": info.grad_norm, "loss_scale": info.loss_scale}
             if self.adapters:
-                row["skipped"] = not self._step_adapters(info.skipped, info.loss_scale, clip=False) or info.skipped
+                row["skipped"] = self._step_adapters(info.skipped, info.loss_scale, clip=False)["skipped"]
             return row
         if not loss_is_finite:  # every rank sees the same global loss, so all skip together
             return {"skipped": True}
         loss.backward()
         if self.adapters:
-            return {"skipped": not self._step_adapters(False, None, clip=True)}
+            return self._step_adapters(False, None, clip=True)
         row = {"skipped": False, **clip_grads(self.base.model_params, self.args)}
         self.base.step()
         return row
 
-    def _step_adapters(self, skip: bool, loss_scale, clip: bool) -> bool:
-        """Sum the adapters' gradients over the ranks (one all-reduce), unscale them, and step AdamW unless `skip`
-        or a gradient is not finite (one host sync). Whether it stepped."""
-        params = self.adapter_params
+    def _step_adapters(self, skip: bool, loss_scale, clip: bool) -> dict:
+        """Sum the adapters' gradients over the ranks (one all-reduce), unscale them, clip them if `clip`, and step
+        AdamW, unless `skip` or a gradient is not finite (one host sync). A row for metrics.jsonl."""
+        params, row = self.adapter_params, {"skipped": skip}
         if not skip:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             if self.world > 1:
                 dist.all_reduce(flat)  # a sum: the loss is already the mean over the global batch
             if loss_scale:
                 flat.div_(loss_scale)
-            skip = not bool(torch.isfinite(flat).all())
+            row["skipped"] = not bool(torch.isfinite(flat).all())
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = g.view_as(p)
-        if not skip:
-            if clip:
-                clip_grads(params, self.args)
+        if not row["skipped"]:
+            row.update(clip_grads(params, self.args) if clip else {})
             self.adapters.step()
         self.adapters.zero_grad()
-        return not skip
+        return row
 
     def rates(self) -> dict:
-        """The learning rates the next step uses: lr (the base weights') and lora_lr (the adapters')."""
+        """The learning rates now: lr (the base weights') and lora_lr (the adapters')."""
         return {key: opt.param_groups[0]["lr"] for key, opt in (("lr", self.base), ("lora_lr", self.adapters))
                 if opt is not None}
 
@@ -185,10 +184,12 @@ class Optimizers:
             schedule.step()
 
     def state_dict(self, which: str) -> dict:
-        """{optimizer, scheduler} of `which` ("base": this rank's, its state holds this rank's rows; "adapters": the
-        same on every rank)."""
+        """{optimizer, scheduler} of `which`: "base" (this rank's: its state holds this rank's rows) or "adapters"
+        (the same on every rank); None for an optimizer this run does not have."""
         opt = dict(self.named())[which]
-        return {"optimizer": opt.state_dict(), "scheduler": self.schedules[which].state_dict()} if opt else None
+        if opt is None:
+            return {"optimizer": None, "scheduler": None}
+        return {"optimizer": opt.state_dict(), "scheduler": self.schedules[which].state_dict()}
 
     def load_state_dict(self, which: str, state: dict) -> None:
         opt = dict(self.named())[which]

@@ -258,7 +258,7 @@ class RunDir:
             dist.barrier()
         state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
                  "rows": shard.local_rows(model),  # each tensor's global rows here: what resharding will need
-                 **(opt.state_dict("base") or {"optimizer": None, "scheduler": None}), "step": step,
+                 **opt.state_dict("base"), "step": step,
                  "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate(),
                  "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         adapters = {"adapters": lora.state_dict(), "config": lora.config(), **opt.state_dict("adapters")} \
@@ -328,11 +328,10 @@ class RunDir:
         with torch.no_grad():
             for name, t in shard.local_tensors(model).items():
                 t.copy_(state["model"][name])
+        opt.load_state_dict("base", state)
         if lora is not None:
             lora.load_state_dict(adapters["adapters"])
             opt.load_state_dict("adapters", adapters)
-        if state["optimizer"] is not None:
-            opt.load_state_dict("base", state)
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])

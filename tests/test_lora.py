@@ -17,6 +17,7 @@ from optimizers import LORA_ADAMW, Optimizers
 
 MARGS = model.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+SCALE = 16 / 2  # alpha / r of adapters() below
 
 
 def tiny(seed=0, margs=MARGS, dtype=torch.float32, **kw):
@@ -47,8 +48,8 @@ def batch(seed=0, n=4, T=12):
 def dense_loss(base, lora_params, lora, tokens, labels):
     """The loss of a model without hooks whose adapted weights are W + (alpha / r) B A, with A and B taken from
     `lora_params` ({adapter name: (A, B)}): autograd through this formula gives the reference gradients."""
-    weights = {f"{name}.weight": base.get_parameter(f"{name}.weight") + a.scale * B @ A
-               for (name, a), (A, B) in zip(lora.adapters().items(), lora_params.values())}
+    weights = {f"{name}.weight": base.get_parameter(f"{name}.weight") + SCALE * B @ A
+               for name, (A, B) in zip(lora.adapters(), lora_params.values())}
     return model.cross_entropy(functional_call(base, weights, (tokens,)), labels)
 
 
@@ -63,18 +64,27 @@ def dense_grads(base, lora, tokens, labels):
 
 # ------------------------------------------------------------------------------------------------ the adapter
 
+def dense_model(lora, dtype=torch.float32):
+    """A model without hooks whose adapted weights are W + (alpha / r) B A, written out here."""
+    net = tiny(dtype=dtype)
+    with torch.no_grad():
+        for name, a in lora.adapters().items():
+            w = net.get_parameter(f"{name}.weight")
+            w.copy_(w.float() + SCALE * a.lora_B @ a.lora_A)
+    return net
+
+
 @pytest.mark.parametrize("targets", [("wq", "wv"), ALL])
 def test_forward_equals_a_dense_model_with_the_merged_weight(targets):
-    lora = adapters(targets)
-    with_lora, merged = tiny(), tiny()
+    lora, with_lora = adapters(targets), tiny()
     lora.attach(with_lora)
-    with torch.no_grad():
-        for name, w in lora.merged(dict(merged.named_parameters())).items():
-            merged.get_parameter(name).copy_(w)
     tokens, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(with_lora(tokens), merged(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(with_lora(tokens), dense_model(lora)(tokens), atol=1e-5, rtol=0)
         assert not torch.allclose(with_lora(tokens), tiny()(tokens), atol=1e-3)  # the adapters do change it
+    merged = lora.merged(dict(tiny().named_parameters()))  # what an export writes
+    for name, w in dense_model(lora).named_parameters():
+        torch.testing.assert_close(merged[name], w, atol=1e-7, rtol=0, msg=name)
 
 
 def test_init_is_the_model_itself_and_the_same_on_every_rank():
@@ -88,6 +98,13 @@ def test_init_is_the_model_itself_and_the_same_on_every_rank():
     assert list(a.state_dict()) == [f"layers.{i}.attention.wq.lora_{m}" for i in range(2) for m in "AB"]
 
 
+def test_attaching_twice_is_refused():
+    lora, net = adapters(), tiny()
+    lora.attach(net)
+    with pytest.raises(ValueError, match="layers.0.attention.wq already has this LoRA's adapter"):
+        lora.attach(net)
+
+
 def test_targets_are_named_and_ordered():
     assert parse_targets(" wv,wq ") == ("wq", "wv")
     with pytest.raises(ValueError, match="unknown projection.*q_proj"):
@@ -99,11 +116,8 @@ def test_bf16_model_keeps_fp32_adapters_and_matches_the_merged_weight():
     net = tiny(dtype=torch.bfloat16)
     lora.attach(net)
     tokens, labels = batch()
-    merged = tiny(dtype=torch.bfloat16)
     with torch.no_grad():
-        for name, w in lora.merged(dict(merged.named_parameters())).items():
-            merged.get_parameter(name).copy_(w)
-        torch.testing.assert_close(net(tokens), merged(tokens), atol=0.05, rtol=0)
+        torch.testing.assert_close(net(tokens), dense_model(lora, torch.bfloat16)(tokens), atol=0.05, rtol=0)
     model.cross_entropy(net(tokens), labels).backward()
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora.parameters())
 
@@ -115,13 +129,16 @@ def optimizers_for(net, lora, flags):
     return Optimizers(args, net, lora, world=1, total_steps=10)
 
 
-def test_lora_baseline_equals_adamw_and_leaves_every_base_weight_alone():
+@pytest.mark.parametrize("clip", [None, 0.02])
+def test_lora_baseline_equals_adamw_and_leaves_every_base_weight_alone(clip):
     """--optimizer lora: the adapters take torch.optim.AdamW's steps (eps 1e-6, no weight decay) on the dense
-    formula's gradients; every base weight stays bit-identical and never holds a gradient."""
+    formula's gradients (clipped by their global norm with --clip-grad-norm); every base weight stays bit-identical
+    and never holds a gradient."""
     net, lora = tiny(), adapters()
     net.requires_grad_(False)  # as train.build_model does for --optimizer lora
     lora.attach(net)
-    opt = optimizers_for(net, lora, ["--optimizer", "lora", "--lora-lr", "0.01"])
+    flags = ["--optimizer", "lora", "--lora-lr", "0.01"] + (["--clip-grad-norm", str(clip)] if clip else [])
+    opt = optimizers_for(net, lora, flags)
     base, ref_lora = tiny(), copy.deepcopy(lora)
     ref = torch.optim.AdamW(ref_lora.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
     before = {n: p.clone() for n, p in net.named_parameters()}
@@ -130,9 +147,13 @@ def test_lora_baseline_equals_adamw_and_leaves_every_base_weight_alone():
         loss = model.cross_entropy(net(tokens), labels)
         ref_loss, grads = dense_grads(base, ref_lora, tokens, labels)
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
-        assert opt.update(loss, True) == {"skipped": False}
+        row = opt.update(loss, True)
         for p, g in zip(ref_lora.parameters(), grads):
             p.grad = g
+        norm = torch.nn.utils.clip_grad_norm_(ref_lora.parameters(), clip or math.inf)
+        assert row == ({"skipped": False, "grad_norm": pytest.approx(float(norm), rel=1e-5)} if clip else
+                       {"skipped": False})
+        assert not clip or float(norm) > clip  # clipping is active
         ref.step()
         assert all(p.grad is None for p in net.parameters()) and all(p.grad is None for p in lora.parameters())
     for (name, p), q in zip(lora.named_parameters(), ref_lora.parameters()):
@@ -269,8 +290,55 @@ def _dropout_worker(rank, world):
         assert torch.equal(rng_after, rng), name  # the replays leave the RNG where the plain model left it
 
 
-def test_recomputed_blocks_draw_the_forward_dropout_masks():
-    run_workers(_dropout_worker)
+@pytest.mark.parametrize("world", [2, 3])
+def test_recomputed_blocks_draw_the_forward_dropout_masks(world):
+    run_workers(_dropout_worker, world_size=world)
+
+
+def _sharded_steps(net, lora, flags, world, rank, steps=2):
+    """Two steps of the global batch (6 sequences; this rank's share) with train.py's optimizers."""
+    args = train.parse_args(flags + ["--lr-schedule", "constant", "--batch-size", "2"])
+    opt = Optimizers(args, net, lora, world, total_steps=10)
+    for step in range(steps):
+        tokens, labels = batch(seed=step, n=6)
+        mine = slice(rank * 6 // world, (rank + 1) * 6 // world)
+        n_tokens = (labels[:, 1:] != -100).sum()  # the loss is the mean over the global batch's answer tokens
+        loss = model.cross_entropy(net(tokens[mine]), labels[mine], reduction="sum") / n_tokens
+        assert not opt.update(loss, True)["skipped"]
+
+
+def _sharded_worker(rank, world):
+    """LoRA + LOMO (global clipping: two backward passes) and the LoRA baseline, sharded over 2 or 3 ranks (own with
+    both units, FSDP2) against one process on the whole batch: the same weights and adapters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    weights = dict(model.random_weights(MARGS, seed=0))
+    for flags in (["--lora-rank", "2", "--clip-grad-norm", "0.5", "--lr", "0.1"], ["--optimizer", "lora"]):
+        flags = flags + ["--lora-dropout", "0", "--lora-lr", "0.01"]
+        ref, ref_lora = tiny(), adapters(ALL)
+        ref_lora.attach(ref)
+        if "lora" in flags:
+            ref.requires_grad_(False)
+        _sharded_steps(ref, ref_lora, flags, 1, 0)
+        for name in ("own-block", "own-linear", "fsdp2"):
+            lora = adapters(ALL)
+            if name == "fsdp2":
+                net = shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)
+            else:
+                net = shard.ShardedTransformer(MARGS, name.split("-")[1], lora=lora)
+            shard.load_rows(net, lambda n, rows: weights[n][rows])
+            if "lora" in flags:
+                net.requires_grad_(False)
+            _sharded_steps(net, lora, flags, world, rank)
+            for (key, p), q in zip(lora.named_parameters(), ref_lora.parameters()):
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{name} {flags[0]} {key}")
+            rows, full = shard.local_rows(net), dict(ref.named_parameters())
+            for key, local in shard.local_tensors(net).items():
+                torch.testing.assert_close(local, full[key][slice(*rows[key])], atol=1e-6, rtol=0, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_lora_equals_one_process(world):
+    run_workers(_sharded_worker, world_size=world)
 
 
 def _frozen_worker(rank, world):
@@ -295,3 +363,32 @@ def _frozen_worker(rank, world):
 
 def test_frozen_shards_get_no_gradient_and_no_reduce_scatter():
     run_workers(_frozen_worker)
+
+
+def _nonfinite_worker(rank, world):
+    """LoRA + LOMO on 2 ranks with shard.py, a non-finite gradient on rank 1 only: in single-pass mode the
+    NonFiniteGuard stops LOMO at the same unit on every rank, and the adapters' step is skipped on both (their
+    gradients are dropped, no all-reduce runs); with a check pass nothing changes. The adapters stay equal."""
+    import torch.distributed as dist
+    for flags in ([], ["--clip-grad-norm", "1.0"]):
+        lora = adapters()
+        net = shard.ShardedTransformer(MARGS, "block", lora=lora)
+        weights = dict(model.random_weights(MARGS, seed=0))
+        shard.load_rows(net, lambda n, rows: weights[n][rows])
+        args = train.parse_args(["--lora-rank", "2", "--lora-dropout", "0"] + flags)
+        opt = Optimizers(args, net, lora, world, total_steps=10)
+        before = [p.clone() for p in lora.parameters()]
+        tokens, labels = batch(seed=rank)
+        logits = net(tokens)
+        if rank == 1:
+            logits.register_hook(lambda g: g * math.inf)
+        row = opt.update(model.cross_entropy(logits, labels, reduction="sum") / 100, True)
+        assert row["skipped"], flags
+        assert all(torch.equal(p, q) and p.grad is None for p, q in zip(lora.parameters(), before)), flags
+        flags_of_all = [None] * world
+        dist.all_gather_object(flags_of_all, row)
+        assert str(flags_of_all[0]) == str(flags_of_all[1]), flags_of_all  # str: NaN == NaN
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_adapters_on_every_rank():
+    run_workers(_nonfinite_worker)
