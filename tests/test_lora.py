@@ -342,23 +342,29 @@ def test_sharded_lora_equals_one_process(world):
 
 
 def _frozen_worker(rank, world):
-    """--optimizer lora on shard.py: the frozen shards get no gradient, and none is even computed: no
-    reduce-scatter runs; the adapters still get theirs."""
-    calls = []
-    real = shard.reduce_scatter
-    shard.reduce_scatter = lambda *a, **k: calls.append(1) or real(*a, **k)
+    """--optimizer lora, sharded: the frozen weights get no gradient, and none is even computed: no reduce-scatter
+    runs (for FSDP2: no NonFiniteGuard all-reduce, which follows each of its reduce-scatters); the adapters still get
+    theirs."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    calls, real_scatter, real_all_reduce = [], shard.reduce_scatter, dist.all_reduce
+    shard.reduce_scatter = lambda *a, **k: calls.append("reduce-scatter") or real_scatter(*a, **k)
+    dist.all_reduce = lambda *a, **k: calls.append("all-reduce") or real_all_reduce(*a, **k)
     try:
-        for unit in ("block", "linear"):
+        for name in ("block", "linear", "fsdp2"):
             lora = adapters()
-            net = shard.ShardedTransformer(MARGS, unit, lora=lora)
-            net.requires_grad_(False)
+            if name == "fsdp2":
+                net = shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)
+            else:
+                net = shard.ShardedTransformer(MARGS, name, lora=lora)
+            net.requires_grad_(False)  # as train.build_model does, after sharding
             tokens, labels = batch(seed=rank)
             model.cross_entropy(net(tokens), labels).backward()
-            assert not calls, unit
-            assert all(p.grad is None for p in net.parameters()), unit
-            assert all(p.grad is not None and p.grad.any() for p in lora.parameters()), unit
+            assert not calls, (name, calls)
+            assert all(p.grad is None for p in net.parameters()), name
+            assert all(p.grad is not None and p.grad.any() for p in lora.parameters()), name
     finally:
-        shard.reduce_scatter = real
+        shard.reduce_scatter, dist.all_reduce = real_scatter, real_all_reduce
 
 
 def test_frozen_shards_get_no_gradient_and_no_reduce_scatter():
