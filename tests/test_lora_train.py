@@ -2,6 +2,7 @@
 the LoRA baseline's frozen weights, the merged export against the LoRA model, bit-exact resume, the demos, and the
 flags' defaults and refusals."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,11 @@ def test_a_lora_checkpoint_is_refused_without_its_adapters(runs, tokenizer, tmp_
     metrics = train.main(SMALL + LORA_LOMO + ["--tokenizer", tokenizer, "--epochs", "0", "--resume", str(ckpt),
                                               "--save-dir", str(tmp_path / "b")])
     assert 0 <= metrics["accuracy"] <= 1
+    shutil.copytree(ckpt, tmp_path / "cut")
+    (tmp_path / "cut" / "lora.pt").write_bytes((ckpt / "lora.pt").read_bytes()[:100])
+    with pytest.raises(SystemExit, match="cannot read lora.pt .*; the checkpoint is corrupt"):
+        train.main(SMALL + LORA_LOMO + ["--tokenizer", tokenizer, "--epochs", "0", "--resume", str(tmp_path / "cut"),
+                                        "--save-dir", str(tmp_path / "c")])
 
 
 # ---------------------------------------------------------------------------------------------- the demos
