@@ -1,4 +1,4 @@
-"""Peak memory and speed of LOMO against the floor, SGD and AdamW; hand-written sharding against FSDP2.
+"""Peak memory and speed of LOMO against the floor, SGD, AdamW and LoRA; hand-written sharding against FSDP2.
 
     python bench.py                                    # CPU: a 134M-parameter LLaMA, fp32, every method
     python bench.py --model 7b --dtype bf16            # one GPU: the paper's Table 1 setting
@@ -12,7 +12,9 @@ Each method runs in a fresh process (this file again, with --methods <one>), so 
 leftovers. A method that does not fit is reported as OOM and the others still run: on GPU when CUDA runs out of
 memory, on CPU when the plan's estimate (plan.py) exceeds --mem-limit-gib, so the shared machine never swaps.
 The floor is forward + backward with every gradient dropped as it arrives: no method that updates the weights
-can be faster, nor use less memory.
+can be faster, nor use less memory. lora is the LoRA baseline (AdamW on adapters, the weights frozen), lora-lomo
+LoRA + LOMO (the same adapters beside LOMO on every weight, in one backward pass); both with the official
+adapters: r 2 on wq and wv, alpha 16, dropout 0.05.
 The eval methods score candidate answers as train.py's evaluation does (eval), and as a plain transformers loop
 does (eval-hf), in this process: after a warm-up pass each (memory), they take turns for the timed passes.
 """
@@ -38,12 +40,16 @@ import shard
 import superglue
 from formats import hf_config
 from lomo import LOMO, AdaLomo
+from lora import LoRA
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy
+from optimizers import LORA_ADAMW, MasterAdamW, MasterSGD
 from plan import GiB, plan, sizes
 from tokenizer import open_tokenizer
-from train import MasterAdamW, MasterSGD, RandomWeights, close_distributed
+from train import RandomWeights, close_distributed
 
-METHODS = ("floor", "lomo", "lomo-clip", "lomo-clip-tensor", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed")
+METHODS = ("floor", "lomo", "lomo-clip", "lomo-clip-tensor", "adalomo", "sgd", "sgd-mixed", "adamw", "adamw-mixed",
+           "lora", "lora-lomo")
+LORA = dict(rank=2, alpha=16.0, dropout=0.05, targets=("wq", "wv"))  # the official LoRA runs' adapters
 EVAL_METHODS = ("eval", "eval-hf")  # candidate scoring: this project's, and transformers' written plainly
 REALDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "realdata")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -148,12 +154,30 @@ def estimate_gib(method, margs, batch, seq_len, nbytes):
     P = sizes(margs)["total"]
     if method in ("sgd", "adamw"):
         return base + P * nbytes * (1 if method == "sgd" else 3) / GiB
+    if method.startswith("lora"):
+        return plan(margs, "lora" if method == "lora" else "lomo", 1, batch, seq_len, nbytes,
+                    lora_rank=LORA["rank"], lora_targets=LORA["targets"])["total"]
     optimizer = {"adalomo": "adalomo", "sgd-mixed": "sgd", "adamw-mixed": "adamw"}.get(method, "lomo")
     return plan(margs, optimizer, 1, batch, seq_len, nbytes, check_pass=method == "lomo-clip")["total"]
 
 
-def make_step(method, params, lr=1e-4, process_group=None):
-    """step(loss) for `method`: backward plus update (none for the floor)."""
+def make_step(method, params, lr=1e-4, process_group=None, adapters=()):
+    """step(loss) for `method`: backward plus update (none for the floor). adapters: LoRA's parameters, for lora
+    and lora-lomo."""
+    if method.startswith("lora"):
+        adamw = torch.optim.AdamW(adapters, lr=lr, **LORA_ADAMW)
+        if method == "lora":
+            backward = torch.autograd.backward  # the weights are frozen
+        else:
+            lomo = LOMO(params, lr=lr, process_group=process_group)
+            lomo.add_external_params(adapters)
+            backward = lomo.fused_backward
+
+        def lora_step(loss):
+            backward(loss)
+            adamw.step()
+            adamw.zero_grad()
+        return lora_step
     if method == "floor":
         for p in params:  # drop each gradient as it arrives
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -194,13 +218,19 @@ def run_method(method, margs, dtype, device, batch, seq_len, warmup, steps, seed
     """Build the model, run `warmup` tracked steps (memory) and `steps` timed ones (speed), in this process."""
     model = random_model(margs, dtype, device)
     tokens = random_batch(margs, batch, seq_len, device, seed)
-    params = list(model.parameters())
+    params, adapters = list(model.parameters()), []
+    if method.startswith("lora"):
+        lora = LoRA(margs, **LORA).to(device)
+        lora.attach(model)
+        adapters = list(lora.parameters())
+        if method == "lora":
+            model.requires_grad_(False)
 
     def one_step():
         step(cross_entropy(model(tokens), tokens))
 
-    with peak_memory(device, params + [tokens]) as mem:
-        step = make_step(method, params)
+    with peak_memory(device, params + adapters + [tokens]) as mem:
+        step = make_step(method, params, adapters=adapters)
         for _ in range(max(1, warmup)):
             one_step()
     times = []

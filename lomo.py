@@ -173,6 +173,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._clean_steps = 0          # fp16 steps since the last overflow
         self._phase, self._seen = "idle", set()  # idle | check | update | discard; parameters hooked this pass
         self._handles, self._taken, self._removed, self._global_size = {}, 0, False, {}
+        self._external = []            # parameters that another optimizer trains beside this one
         weakref.finalize(self, _remove_all, self._handles)  # a freed optimizer leaves no hook behind
         super().__init__(params, defaults)
 
@@ -215,6 +216,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._handles[p] = p.register_post_accumulate_grad_hook(lambda p, index=index: _call_owner(owner, p, index))
         _OWNERS[p] = owner
 
+    def add_external_params(self, params):
+        """Declare parameters that another optimizer trains beside this one, from the `.grad` that `fused_backward`
+        leaves them: LoRA adapters stepped by AdamW after the pass in which LOMO updates every base weight (the
+        paper's LoRA + LOMO experiment). A check pass gives them a gradient too; it is dropped, so their `.grad` is the
+        update pass's alone (of the scaled loss, with fp16: divide by StepInfo.loss_scale), never the sum of two
+        passes. They must hold no `.grad` when a step starts, and take no part in this optimizer's norm, clipping
+        or finiteness checks."""
+        self._external.extend(params)
+
     def remove_hooks(self):
         """Detach this optimizer from its parameters: a later backward pass leaves their `.grad` to the caller.
         The optimizer cannot step again."""
@@ -249,6 +259,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         "optimizer.zero_grad() (or model.zero_grad()) before fused_backward")
                 if p.requires_grad and p not in self._handles:
                     self._hook(p, index)
+        if any(p.grad is not None for p in self._external):
+            raise RuntimeError("a parameter given to add_external_params() already has a .grad: zero its optimizer's "
+                               "gradients (optimizer.zero_grad()) after each step, before fused_backward")
 
     def step(self, closure=None):
         """A no-op: the update already happened inside `fused_backward`, which calls this method so that the
@@ -282,10 +295,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._guarded = not self.check_pass
         if self.check_pass:
             self._backward("check", loss * scale, retain_graph=True)
+            for p in self._external:  # their gradient comes from the update pass alone
+                p.grad = None
             finite, bad, sq = self._read_back(loss_ok)
             info.grad_norm = math.sqrt(sq) * self._coef
             if not finite or bad or not math.isfinite(info.grad_norm):
                 self._backward("discard", loss * scale)  # frees the retained graph at once
+                for p in self._external:
+                    p.grad = None
                 if not finite:
                     info.skipped, info.reason = True, "non-finite loss"
                     return self._finish(info)

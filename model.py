@@ -250,14 +250,20 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                  max_token_loss: Optional[float] = None) -> torch.Tensor:
     """Next-token loss in fp32: logits[:, t] predicts labels[:, t+1]; labels == -100 are ignored.
-    labels has the shape of the tokens (B, T). reduction "sum" lets the caller divide by a global token count."""
+    labels has the shape of the tokens (B, T). reduction "sum" lets the caller divide by a global token count.
+    max_token_loss: each token's loss is clamped to at most this value first (token-loss clipping): a clamped token
+    adds the value and no gradient."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)  # (B * (T-1), vocab), (B * (T-1),)
+    if max_token_loss is None:
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction)
+    losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none").clamp(max=max_token_loss)
+    return losses.sum() if reduction == "sum" else losses.sum() / (labels != -100).sum()
 
 
 @torch.no_grad()

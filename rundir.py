@@ -1,7 +1,9 @@
 """The run folder of train.py (--save-dir): its checkpoints, metrics.jsonl, and the rules that keep runs apart.
 
     <save-dir>/metrics.jsonl        a JSON row per training step and per evaluation (rank 0 writes it)
-    <save-dir>/step_00000020/       a checkpoint: rank0.pt, rank1.pt, ... (each rank's rows) and meta.json
+    <save-dir>/step_00000020/       a checkpoint: rank0.pt, rank1.pt, ... (each rank's rows), meta.json, and
+                                    with LoRA lora.pt (the adapters and their AdamW state: one copy, as every rank
+                                    holds the same)
     <save-dir>/<Task>.jsonl         test predictions (--predict)
 
 A folder holds one run. A fresh run needs an empty or new folder, or --overwrite, which deletes the files an
@@ -27,12 +29,12 @@ import superglue
 from checkpoint import HFWriter, MetaWriter
 from model import param_shapes
 
-META, METRICS = "meta.json", "metrics.jsonl"
+META, METRICS, LORA = "meta.json", "metrics.jsonl", "lora.pt"
 # Flags that a resumed training run must share with the saved one: each changes the data order, the schedule
 # or the update, so changing one mid-run would silently give a run that no single command describes.
 RUN_FLAGS = ("task", "train_samples", "sampling", "seed", "epochs", "batch_size", "max_len", "optimizer", "lr",
-             "lr_schedule", "warmup_ratio", "clip_grad_norm", "clip_grad_value", "weight_decay", "stochastic_rounding",
-             "dtype")
+             "lr_schedule", "warmup_ratio", "clip_grad_norm", "clip_grad_value", "clip_loss_value", "weight_decay",
+             "stochastic_rounding", "dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 
 
 def step_name(step: int) -> str:
@@ -148,9 +150,11 @@ class RunDir:
     def describe(self) -> dict:
         """What meta.json records of the run, besides its step."""
         a = self.args
+        lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "targets": a.lora_targets.split(",")} if a.lora_rank \
+            else None  # what the adapters compute: lora.LoRA.config()
         return {"world_size": self.world, "sharding": a.sharding if self.world > 1 else "none",
                 "shard_unit": a.shard_unit if self.world > 1 and a.sharding == "own" else None,
-                "optimizer": a.optimizer, "global_batch": a.batch_size * self.world,
+                "optimizer": a.optimizer, "lora": lora, "global_batch": a.batch_size * self.world,
                 "flags": {flag: getattr(a, flag) for flag in RUN_FLAGS}}
 
     def warn_if_short_of_space(self, margs, dtype) -> None:
@@ -202,6 +206,11 @@ class RunDir:
         if saved["optimizer"] != ours["optimizer"]:
             raise SystemExit(f"--resume {path} was saved with --optimizer {saved['optimizer']}, this run has "
                              f"--optimizer {ours['optimizer']}")
+        if saved.get("lora") != ours["lora"]:  # even to evaluate: without its adapters the model is another
+            flags = lambda lora: "no LoRA" if lora is None else (  # noqa: E731
+                f"--lora-rank {lora['rank']} --lora-alpha {lora['alpha']} --lora-targets {','.join(lora['targets'])}")
+            raise SystemExit(f"--resume {path} was saved with {flags(saved.get('lora'))}, this run has "
+                             f"{flags(ours['lora'])}: pass the saved values")
         if self.args.epochs:  # a run that only evaluates, predicts or exports may use any flags
             differ = [f for f in RUN_FLAGS if f in saved.get("flags", {}) and saved["flags"][f] != ours["flags"][f]]
             if differ:
@@ -232,11 +241,11 @@ class RunDir:
                 f.write(json.dumps(row) + "\n")
             self.metrics_rows += 1
 
-    def save(self, step, position, model, opt, sched) -> Path:
-        """<save-dir>/step_N: one file per rank plus meta.json, written in a temporary folder, fsynced, then
-        renamed, so that a crash or a full disk during a save never harms the last good checkpoint. A step this
-        run has already saved (or resumed from) holds this very state and is not written twice. Keeps the last
-        --keep-last. Every rank calls it."""
+    def save(self, step, position, model, opt, lora=None) -> Path:
+        """<save-dir>/step_N: one file per rank plus meta.json (and lora.pt), written in a temporary folder,
+        fsynced, then renamed, so that a crash or a full disk during a save never harms the last good checkpoint. A
+        step this run has already saved (or resumed from) holds this very state and is not written twice. Keeps the
+        last --keep-last. Every rank calls it, with its optimizers.Optimizers and the lora.LoRA (or None)."""
         final, tmp = self.root / step_name(step), self.root / f".{step_name(step)}.tmp"
         if step in self.saved:
             return final
@@ -249,11 +258,16 @@ class RunDir:
             dist.barrier()
         state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
                  "rows": shard.local_rows(model),  # each tensor's global rows here: what resharding will need
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                 "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        failure, nbytes = None, _nbytes(state)
+                 **opt.state_dict("base"), "step": step,
+                 "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        adapters = {"adapters": lora.state_dict(), "config": lora.config(), **opt.state_dict("adapters")} \
+            if lora is not None and self.rank == 0 else None  # replicated: rank 0's copy is everyone's
+        failure, nbytes = None, _nbytes(state) + _nbytes(adapters)
         try:
             write_durably(tmp / f"rank{self.rank}.pt", lambda f: torch.save(state, f))
+            if adapters is not None:
+                write_durably(tmp / LORA, lambda f: torch.save(adapters, f))
             if self.rank == 0:
                 meta = {"step": step, "metrics_rows": self.metrics_rows, **self.describe()}
                 write_durably(tmp / META, lambda f: f.write(json.dumps(meta, indent=2).encode()))
@@ -292,16 +306,20 @@ class RunDir:
         if self.world > 1:
             dist.barrier()
 
-    def load(self, model, opt, sched) -> tuple[int, tuple]:
-        """Restore this rank's part of the --resume checkpoint (check() has checked that it fits this run)."""
-        path, problem = Path(self.args.resume), None
+    def load(self, model, opt, lora=None) -> tuple[int, tuple]:
+        """Restore this rank's part of the --resume checkpoint, and the adapters (check() has checked that it fits
+        this run)."""
+        path, problem, files = Path(self.args.resume), None, {}
         try:
-            state = torch.load(path / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+            for name in [f"rank{self.rank}.pt"] + ([LORA] if lora is not None else []):
+                files[name] = torch.load(path / name, map_location="cpu", weights_only=False)
         except Exception as e:  # a missing, truncated or corrupt file
-            problem = f"--resume {path}: cannot read rank{self.rank}.pt ({e}); the checkpoint is corrupt"
+            problem = f"--resume {path}: cannot read {name} ({e}); the checkpoint is corrupt"
         else:
-            saved = {n: tuple(t.shape) for n, t in state["model"].items()}
-            wanted = {n: tuple(t.shape) for n, t in shard.local_tensors(model).items()}
+            state, adapters = files[f"rank{self.rank}.pt"], files.get(LORA, {"adapters": {}})
+            saved = {n: tuple(t.shape) for n, t in {**state["model"], **adapters["adapters"]}.items()}
+            ours = {**shard.local_tensors(model), **(lora.state_dict() if lora is not None else {})}
+            wanted = {n: tuple(t.shape) for n, t in ours.items()}
             if saved != wanted:
                 wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
                 problem = (f"--resume {path} holds a different model than --model / --ckpt describe (first "
@@ -310,17 +328,22 @@ class RunDir:
         with torch.no_grad():
             for name, t in shard.local_tensors(model).items():
                 t.copy_(state["model"][name])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        opt.load_state_dict("base", state)
+        if lora is not None:
+            lora.load_state_dict(adapters["adapters"])
+            opt.load_state_dict("adapters", adapters)
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
         random.setstate(state["python_rng"])
         return state["step"], tuple(state["position"])
 
 
-def export(args, model, margs, rank, world) -> None:
-    """Stream the model out unit by unit through checkpoint.py's writers; only rank 0 writes. A write error (a full
-    disk) on rank 0 stops the writing but not the gathering, so that no rank waits in a collective; then every rank
-    exits with it, and the partial folder is removed."""
+def export(args, model, margs, rank, world, lora=None) -> None:
+    """Stream the model out unit by unit through checkpoint.py's writers; only rank 0 writes. LoRA's adapters are
+    merged into their weights (W + (alpha / r) B A): the export is a plain LLaMA. A write error (a full disk) on
+    rank 0 stops the writing but not the gathering, so that no rank waits in a collective; then every rank exits
+    with it, and the partial folder is removed."""
     names = list(param_shapes(margs))
     units = [[n for n in names if not n.startswith("layers.") and n != "tok_embeddings.weight"]]
     units = [["tok_embeddings.weight"]] + [[n for n in names if n.startswith(f"layers.{i}.")]
@@ -331,7 +354,7 @@ def export(args, model, margs, rank, world) -> None:
         for tensors in shard.full_units(model, units):
             try:
                 if writer and not failure:
-                    writer.write(tensors)
+                    writer.write(lora.merged(tensors) if lora is not None else tensors)
             except Exception as e:
                 failure = write_failure(e, writer.tmp, sum(t.nbytes for t in tensors.values()))
                 if failure is None:

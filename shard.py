@@ -10,9 +10,13 @@ One unit in one training step (see the README for the picture):
     backward: all-gather again -> recompute with grad -> backward -> reduce-scatter the gradients (summed over
               ranks) into this rank's rows -> autograd accumulates them into the shard -> lomo.py's hook updates
               the shard and frees its gradient -> free the full weights and gradients
-The autograd Function `_GatherRun` does all of this, so lomo.py never learns that the model is sharded.
+The autograd Function `_GatherRun` does all of this, so lomo.py never learns that the model is sharded. The
+recompute replays the forward pass's RNG state (as torch.utils.checkpoint does), so dropout draws the same masks.
+Parameters that are not sharded (LoRA adapters, replicated on every rank) can take part in a unit's computation:
+their gradients are this rank's part, left to the caller to sum over the ranks.
 `NonFiniteGuard` (both backends) makes a non-finite gradient that any rank saw in a unit visible to every rank.
 """
+import contextlib
 import math
 import warnings
 
@@ -108,6 +112,7 @@ class ShardedUnit(nn.Module):
             self.shards = nn.ParameterList(
                 nn.Parameter(torch.empty((b - a,) + tuple(s[1:]), device=device, dtype=dtype))
                 for (a, b), s in zip(self.ranges[self.rank], self.shapes))
+        self.replicated = []  # parameters, whole on every rank, that the module's computation also uses (LoRA)
         self.next_unit = self.prev_unit = None  # prefetch order, set by ShardedTransformer
         self.guard = None  # a NonFiniteGuard shared by the model's units, set by ShardedTransformer
         self._pending = None
@@ -152,17 +157,34 @@ class ShardedUnit(nn.Module):
         return [out[o:o + s.numel()].view(s.shape) for o, s in zip(self.offsets[self.rank], self.shards)]
 
     def forward(self, *inputs):
-        return _GatherRun.apply(self, len(inputs), *inputs, *self.shards)
+        return _GatherRun.apply(self, len(inputs), *inputs, *self.shards, *self.replicated)
+
+
+def _rng_state(device) -> tuple:
+    """The RNG state that dropout draws from: the CPU's, and the GPU's for a unit on a GPU."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state, device):
+    """Run the block with the RNG at `state`; the RNG continues afterwards as if the block had not run."""
+    cpu, gpu = state
+    with torch.random.fork_rng(devices=[device] if gpu is not None else []):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+        yield
 
 
 class _GatherRun(torch.autograd.Function):
-    """Run a unit on its gathered weights, saving only its inputs; in backward gather again, recompute, and
-    reduce-scatter the weight gradients into the shards (the design of shared/design/sharded-step.md)."""
+    """Run a unit on its gathered weights, saving only its inputs (and the RNG state); in backward gather again,
+    recompute with that RNG state, and reduce-scatter the weight gradients into the shards (the design of
+    shared/design/sharded-step.md). Frozen shards (the LoRA baseline) get no gradient: none is computed."""
 
     @staticmethod
     def forward(ctx, unit, n_inputs, *args):
         inputs = args[:n_inputs]
-        ctx.unit = unit
+        ctx.unit, ctx.rng = unit, _rng_state(inputs[0].device)
         ctx.save_for_backward(*inputs)
         full = unit.gather()
         if unit.next_unit is not None:
@@ -172,20 +194,26 @@ class _GatherRun(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         unit = ctx.unit
-        inputs = [x.detach().requires_grad_(needs) for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        n_shards = len(unit.shards)
+        needs = ctx.needs_input_grad[2:]  # inputs, shards, replicated parameters
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
+        train_shards = any(needs[len(inputs):len(inputs) + n_shards])
         full = unit.gather()
         if unit.prev_unit is not None:
             unit.prev_unit.prefetch()
         for t in full.values():
-            t.requires_grad_(True)
-        with torch.enable_grad():
+            t.requires_grad_(train_shards)
+        with torch.enable_grad(), _replayed_rng(ctx.rng, grad_out.device):
             out = functional_call(unit.module, full, tuple(inputs))
-        wrt = [x for x in inputs if x.requires_grad] + list(full.values())
-        grads = list(torch.autograd.grad(out, wrt, grad_out))
+        replicated = [p for p in unit.replicated if p.requires_grad]
+        wrt = [x for x in inputs if x.requires_grad] + (list(full.values()) if train_shards else []) + replicated
+        grads = torch.autograd.grad(out, wrt, grad_out)
         del out, full
-        input_grads = iter(grads[:len(wrt) - len(unit.shards)])
-        shard_grads = unit.reduce_scatter(grads[len(wrt) - len(unit.shards):])
-        return (None, None, *[next(input_grads) if x.requires_grad else None for x in inputs], *shard_grads)
+        n_inputs, n_full = sum(x.requires_grad for x in inputs), len(wrt) - len(replicated)
+        input_grads, replicated_grads = iter(grads[:n_inputs]), iter(grads[n_full:])
+        shard_grads = unit.reduce_scatter(list(grads[n_inputs:n_full])) if train_shards else [None] * n_shards
+        return (None, None, *[next(input_grads) if x.requires_grad else None for x in inputs], *shard_grads,
+                *[next(replicated_grads) if p.requires_grad else None for p in unit.replicated])
 
 
 class Head(nn.Module):
@@ -208,13 +236,15 @@ class ShardedTransformer(nn.Module):
     with no prefetch. The embedding, and the final norm with the output head, are units in both cases.
     """
 
-    def __init__(self, args, unit="block", group=None, device="cpu", dtype=torch.float32):
+    def __init__(self, args, unit="block", group=None, device="cpu", dtype=torch.float32, lora=None):
         super().__init__()
         if unit not in SHARD_UNITS:
             raise ValueError(f"--shard-unit must be one of {SHARD_UNITS}, got {unit!r}")
         self.args, self.unit = args, unit
         with torch.device("meta"):
             model = Transformer(args)
+        if lora is not None:  # lora.LoRA: its hooks run inside the units, which pass on its parameters' gradients
+            lora.attach(model)
         shard = lambda module, prefix: ShardedUnit(module, prefix, group, device, dtype)  # noqa: E731
         self.embed = shard(model.tok_embeddings, "tok_embeddings.")
         if unit == "block":
@@ -237,6 +267,7 @@ class ShardedTransformer(nn.Module):
         for module in self.modules():  # every unit that reduce-scatters, a tied output head included
             if isinstance(module, ShardedUnit):
                 module.guard = self.guard
+                module.replicated = lora.parameters_in(module.module) if lora is not None else []
         if unit == "block":
             chain = [self.embed, *self.layers, self.head] + ([self.output] if self.output else [])
             for a, b in zip(chain, chain[1:]):  # plain attributes, not child modules (that would be a cycle)
@@ -267,15 +298,18 @@ class ShardedTransformer(nn.Module):
 
 # ---------------------------------------------------------------------------------------- FSDP2 backend
 
-def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32):
+def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32, lora=None):
     """The reference backend: PyTorch's fully_shard on each block and on the root, with per-block activation
     checkpointing. Parameters are DTensors sharded by rows (torch.chunk sizes); lomo.py works on their local
     tensors. Gradients are summed over ranks, as in the hand-written backend. A NonFiniteGuard runs on each
-    unit's reduce-scattered gradients (FSDP2's all-reduce hook, which fires after the reduce-scatter)."""
+    unit's reduce-scattered gradients (FSDP2's all-reduce hook, which fires after the reduce-scatter). LoRA
+    adapters (lora.LoRA) are hooked on before sharding; not being the model's parameters, they stay whole."""
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
         model = Transformer(args, checkpointing=True).to(dtype)
+    if lora is not None:
+        lora.attach(model)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

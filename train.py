@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 train.py --model 65b --ckpt <dir> --tokenizer <tokenizer.model> \\
         --task boolq --data-dir <SuperGLUE dir>       # the paper's 65B setting
     python train.py --model 7b --dry-run              # memory plan, as the paper's Table 1
+    python train.py --optimizer lora                  # the LoRA baseline; --lora-rank 2: LoRA + LOMO
 
 Fused updates leave no gradient to accumulate, so there is no gradient accumulation: the global batch is
 --batch-size (per rank, as in the official config) x the number of ranks; the demo's default is a global batch of
@@ -32,12 +33,14 @@ import rundir
 import shard
 import superglue
 from checkpoint import open_checkpoint
-from lomo import CLIP_SCOPES, LOMO, AdaLomo
 from formats import CheckpointError, meta_params
+from lomo import CLIP_SCOPES
+from lora import LoRA, parse_targets
 from model import MODEL_NAMES, ModelArgs, Transformer, cross_entropy, random_weights
+from optimizers import Optimizers
 from tokenizer import find_tokenizer, open_tokenizer, train_tokenizer
 
-OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
+OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw", "lora")
 # Defaults of the flags left unset. SuperGLUE: the official LOMO config (OpenLMLab/LOMO config/args_lomo.yaml).
 # The demo: what makes the tiny model learn the synthetic task with LOMO in about a minute on a CPU; its batch is
 # DEMO_GLOBAL_BATCH split over the ranks, so that any number of ranks dividing it trains the same steps.
@@ -50,6 +53,15 @@ DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1
             "synthetic": dict(lr=0.3, epochs=2, train_samples=20000, eval_samples=1000, warmup_ratio=0.0,
                               clip_grad_norm=0.0, max_len=64)}
 DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
+# Over those, for the LoRA baseline (--optimizer lora) and LoRA + LOMO (lomo or adalomo with --lora-rank). SuperGLUE
+# and jsonl: the official LoRA runs (config/args_lomo_lora.yaml): the adapters' AdamW at 5e-4 and LOMO beside them at
+# 0.005 with clip_grad_norm 1.0, both with 5% warm-up; lora_only (the baseline) clips nothing. The demo: what makes
+# the tiny model learn the synthetic task.
+LORA_DEFAULTS = {"superglue": {"lora": dict(lora_lr=5e-4, warmup_ratio=0.05, clip_grad_norm=0.0),
+                               "lora+lomo": dict(lora_lr=5e-4, lr=0.005, warmup_ratio=0.05, clip_grad_norm=1.0)},
+                 "synthetic": {"lora": dict(lora_lr=1e-2), "lora+lomo": dict(lora_lr=1e-3)}}
+LORA_DEFAULTS["jsonl"] = LORA_DEFAULTS["dry_run"] = LORA_DEFAULTS["superglue"]
+LORA_FLAGS = dict(lora_alpha=16.0, lora_dropout=0.05, lora_targets="wq,wv")  # the official runs' (peft's LoraConfig)
 DEMO_GLOBAL_BATCH = 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -62,12 +74,17 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    by_task = "; ".join(f"{kind}: " + ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}"
-                                                for k, v in flags.items()) for kind, flags in DEFAULTS.items())
+    shown = lambda flags: ", ".join(f"--{k.replace('_', '-')} {'all' if v is None else v}"  # noqa: E731
+                                    for k, v in flags.items())
+    by_task = "; ".join(f"{kind}: {shown(flags)}" for kind, flags in DEFAULTS.items())
+    lora = "; ".join(f"{kind} {mode}: {shown(flags)}" for kind in ("superglue", "synthetic")
+                     for mode, flags in LORA_DEFAULTS[kind].items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown,
                                 epilog=f"Defaults that depend on the task (the official LOMO config for SuperGLUE "
                                 f"and jsonl, the CPU demo for synthetic): {by_task}; the demo's --batch-size is "
-                                f"{DEMO_GLOBAL_BATCH} / the number of ranks.")
+                                f"{DEMO_GLOBAL_BATCH} / the number of ranks. With LoRA (the official LoRA runs' "
+                                f"settings for SuperGLUE and jsonl), over those: {lora}; and {shown(LORA_FLAGS)}, "
+                                "--lora-rank 2 with --optimizer lora.")
     p.add_argument("--model", help=f"preset: {', '.join(MODEL_NAMES)} (default: what --ckpt holds, else tiny)")
     p.add_argument("--ckpt", help="Meta (params.json) or Hugging Face (config.json) checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or their "
@@ -83,8 +100,15 @@ def parse_args(argv=None):
                    "MultiRC questions, drawn with --seed")
     p.add_argument("--max-len", type=int, help="tokens per sequence; the passage is cut to fit")
     p.add_argument("--optimizer", default="lomo", choices=OPTIMIZERS,
-                   help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
+                   help="sgd and adamw are the paper's unfused baselines (fp32 master weights over 16-bit); lora "
+                   "trains LoRA adapters alone (the LoRA baseline); lomo or adalomo with --lora-rank: LoRA + LOMO")
+    p.add_argument("--lr", type=float, help="peak learning rate of the model's weights")
+    p.add_argument("--lora-rank", type=int, help="r of the LoRA adapters (0: none); with lomo or adalomo, LoRA + "
+                   "LOMO")
+    p.add_argument("--lora-alpha", type=float, help="the adapters' update is scaled by alpha / r")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", help="the projections with adapters, comma-separated: wq,wk,wv,wo,w1,w2,w3")
+    p.add_argument("--lora-lr", type=float, help="the adapters' peak learning rate (AdamW)")
     p.add_argument("--epochs", type=int, help="0 only evaluates (the paper's zero-shot row)")
     p.add_argument("--batch-size", type=int, help="sequences per rank and step")
     p.add_argument("--lr-schedule", default="linear", choices=("linear", "cosine", "constant"), help="after warm-up")
@@ -94,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-grad-norm-scope", default="global", choices=CLIP_SCOPES, help="global: one norm over "
                    "all gradients; tensor: each parameter clipped by its own norm (grouped clipping, 1 pass)")
     p.add_argument("--clip-grad-value", type=float, help="clamp each gradient element to +-value")
+    p.add_argument("--clip-loss-value", type=float, help="clamp each token's loss to at most this value before "
+                   "the mean: such a token gives no gradient")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled")
     p.add_argument("--stochastic-rounding", action="store_true", help="round bf16 updates stochastically")
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on GPU (and for --dry-run), fp32 on CPU")
@@ -118,9 +144,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.task = args.task.lower()
     kind = "dry_run" if args.dry_run else args.task if args.task in ("synthetic", "jsonl") else "superglue"
-    for flag, value in DEFAULTS[kind].items():
+    check_lora(p, args)
+    lora_mode = ("lora" if args.optimizer == "lora" else "lora+lomo") if args.lora_rank else None
+    for flag, value in {**DEFAULTS[kind], **(LORA_DEFAULTS[kind][lora_mode] if lora_mode else {})}.items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
+    if args.optimizer == "lora":
+        args.lr = None  # no weight of the model is trained
     if args.batch_size is None:  # the demo: a global batch of 16 whatever the number of ranks
         world = int(os.environ.get("WORLD_SIZE", 1))
         if DEMO_GLOBAL_BATCH % world:
@@ -144,6 +174,34 @@ def parse_args(argv=None):
     return args
 
 
+def check_lora(p, args):
+    """LoRA's flags: only in a LoRA mode, and in range; the official runs' settings for those left unset."""
+    if args.lora_rank is None:
+        args.lora_rank = 2 if args.optimizer == "lora" else 0
+    if args.optimizer in ("sgd", "adamw") and args.lora_rank:
+        p.error(f"--lora-rank: LoRA trains with --optimizer lora (the adapters alone) or lomo / adalomo (LoRA + "
+                f"LOMO), not with {args.optimizer}")
+    if not args.lora_rank >= (1 if args.optimizer == "lora" else 0):
+        p.error(f"--lora-rank must be at least {1 if args.optimizer == 'lora' else 0}, not {args.lora_rank}")
+    given = [flag for flag in ("lora_lr", *LORA_FLAGS) if getattr(args, flag) is not None]
+    if not args.lora_rank:
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} needs LoRA: pass --lora-rank (LoRA + LOMO) or --optimizer lora")
+        return
+    if args.optimizer == "lora" and (args.lr is not None or args.weight_decay):
+        p.error(f"--{'lr' if args.lr is not None else 'weight-decay'} is for the model's weights, which --optimizer "
+                "lora freezes: the adapters' rate is --lora-lr (their AdamW has no weight decay, as the official runs)")
+    for flag, value in LORA_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    try:
+        args.lora_targets = ",".join(parse_targets(args.lora_targets))
+    except ValueError as e:
+        p.error(f"--lora-targets {args.lora_targets!r}: {e}")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora-dropout is a probability, from 0 to less than 1, not {args.lora_dropout}")
+
+
 def check_numbers(p, args):
     """Every numeric flag in its range (written so that NaN fails too)."""
     at_least = {"batch_size": 1, "train_samples": 1, "eval_samples": 1, "max_len": 1, "world_size": 1,
@@ -152,8 +210,9 @@ def check_numbers(p, args):
     for flag, low in at_least.items():
         if getattr(args, flag) is not None and not getattr(args, flag) >= low:  # None: all (--task jsonl)
             p.error(f"--{flag.replace('_', '-')} must be at least {low}, not {getattr(args, flag)}")
-    for flag in ("lr", "gpu_gib") + (("clip_grad_value",) if args.clip_grad_value is not None else ()):
-        if not getattr(args, flag) > 0:
+    positive = ("lr", "gpu_gib", "clip_grad_value", "clip_loss_value", "lora_alpha", "lora_lr")
+    for flag in positive:  # None: unset, or not used in this mode
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be greater than 0, not {getattr(args, flag)}")
     if not 0 <= args.warmup_ratio <= 1:
         p.error(f"--warmup-ratio is a fraction of the steps, from 0 to 1, not {args.warmup_ratio}")
@@ -257,97 +316,25 @@ class RandomWeights:
         return tensor[rows]
 
 
-def build_model(args, margs, rank, world, device, dtype):
-    """The model for this run and this rank: plain (1 rank), hand-sharded (own) or FSDP2."""
+def build_model(args, margs, rank, world, device, dtype, lora=None):
+    """The model for this run and this rank: plain (1 rank), hand-sharded (own) or FSDP2, with `lora`'s adapters
+    attached; for --optimizer lora, with every weight frozen."""
     if world == 1:
         with torch.device("meta"):
             model = Transformer(margs, checkpointing=True).to(dtype)
         model.to_empty(device=device)
+        if lora is not None:
+            lora.attach(model)
     elif args.sharding == "own":
-        model = shard.ShardedTransformer(margs, args.shard_unit, dist.group.WORLD, device, dtype)
+        model = shard.ShardedTransformer(margs, args.shard_unit, dist.group.WORLD, device, dtype, lora)
     else:
         from torch.distributed.device_mesh import init_device_mesh
-        model = shard.fsdp2_transformer(margs, init_device_mesh(device.type, (world,)), device, dtype)
+        model = shard.fsdp2_transformer(margs, init_device_mesh(device.type, (world,)), device, dtype, lora)
     read = open_checkpoint(args.ckpt).read if args.ckpt else RandomWeights(margs, args.seed).read
     shard.load_rows(model, lambda name, rows: read(name, rows).to(device=device, dtype=dtype))
+    if args.optimizer == "lora":  # the LoRA baseline: no weight of the model ever gets a gradient
+        model.requires_grad_(False)
     return model
-
-
-class _MasterWeights:
-    """fp32 master weights under 16-bit ones, as in the paper's mixed-precision baselines: the inner torch
-    optimizer updates fp32 copies, which are then rounded into the model (fp32 models share their tensors).
-    step() goes one parameter at a time, so that only one fp32 gradient exists at once: the model keeps 16-bit
-    gradients, as the paper counts them."""
-
-    def __init__(self, params, **kwargs):
-        self.model_params = [p for p in params if p.requires_grad]
-        super().__init__([p.detach().float().requires_grad_() for p in self.model_params], **kwargs)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        masters = [m for group in self.param_groups for m in group["params"]]
-        for p, m in zip(self.model_params, masters):
-            if p.grad is None:
-                continue
-            m.grad, p.grad = p.grad.float(), None
-            super().step()  # updates only the parameters that have a gradient: this one
-            m.grad = None
-            p.copy_(m)
-
-    def _fp32_masters(self):
-        """The masters of 16-bit weights (those of fp32 weights are the weights themselves)."""
-        masters = [m for group in self.param_groups for m in group["params"]]
-        return [m for m, p in zip(masters, self.model_params) if m.dtype != p.dtype]
-
-    def state_dict(self):
-        """The torch optimizer's state plus the fp32 masters, which the 16-bit weights only round."""
-        return {**super().state_dict(), "masters": self._fp32_masters()}
-
-    @torch.no_grad()
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        for m, saved in zip(self._fp32_masters(), state_dict.pop("masters")):
-            m.copy_(saved)
-        super().load_state_dict(state_dict)
-
-
-class MasterSGD(_MasterWeights, torch.optim.SGD):
-    """SGD with fp32 master weights: 4 extra bytes per parameter (the paper's SGD row)."""
-
-
-class MasterAdamW(_MasterWeights, torch.optim.AdamW):
-    """AdamW with fp32 master weights and states: 12 extra bytes per parameter (the paper's AdamW row)."""
-
-
-def build_optimizer(args, model, world):
-    if args.optimizer in ("sgd", "adamw"):
-        if world > 1 and args.sharding == "own":
-            raise SystemExit(f"--optimizer {args.optimizer} keeps full gradients and is not supported with "
-                             "--sharding own; use --sharding fsdp2, or lomo / adalomo")
-        cls = MasterSGD if args.optimizer == "sgd" else MasterAdamW
-        return cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    group = None
-    if world > 1:
-        group = dist.group.WORLD  # FSDP2's mesh is the whole world too
-    cls = LOMO if args.optimizer == "lomo" else AdaLomo
-    return cls(model.parameters(), lr=args.lr, clip_grad_norm=args.clip_grad_norm,
-               clip_grad_norm_scope=args.clip_grad_norm_scope, clip_grad_value=args.clip_grad_value,
-               weight_decay=args.weight_decay, stochastic_rounding=args.stochastic_rounding, process_group=group)
-
-
-def lr_lambda(args, total_steps):
-    warmup = int(args.warmup_ratio * total_steps)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if args.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if args.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
 
 
 # -------------------------------------------------------------------------------------------- one step
@@ -355,27 +342,12 @@ def lr_lambda(args, total_steps):
 def train_step(args, model, opt, tokens, labels, world):
     """One step on this rank's slice of the global batch: (the global mean loss, a row for metrics.jsonl).
     The loss is the sum over this rank's answer tokens divided by the global count, so that the gradients
-    summed over ranks are those of the mean over the global batch."""
+    summed over ranks are those of the mean over the global batch. --clip-loss-value clamps each token's loss."""
     logits = model(tokens)
-    local_sum = cross_entropy(logits, labels, reduction="sum")
+    local_sum = cross_entropy(logits, labels, reduction="sum", max_token_loss=args.clip_loss_value)
     n_tokens = max(1, all_reduce((labels[:, 1:] != data.IGNORE_INDEX).sum().item(), world))
     global_loss = all_reduce(local_sum.item(), world) / n_tokens
-    if isinstance(opt, (LOMO, AdaLomo)):
-        info = opt.fused_backward(local_sum / n_tokens)
-        return global_loss, {"skipped": info.skipped, "grad_norm": info.grad_norm, "loss_scale": info.loss_scale}
-    if not math.isfinite(global_loss):  # every rank sees the same global loss, so all skip together
-        return global_loss, {"skipped": True}
-    (local_sum / n_tokens).backward()
-    row = {"skipped": False}
-    if args.clip_grad_value:
-        torch.nn.utils.clip_grad_value_(opt.model_params, args.clip_grad_value)
-    if args.clip_grad_norm:
-        groups = [[p] for p in opt.model_params] if args.clip_grad_norm_scope == "tensor" else [opt.model_params]
-        norms = [torch.nn.utils.clip_grad_norm_(ps, args.clip_grad_norm) for ps in groups]
-        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2: DTensor
-        row["grad_norm"] = float(torch.stack(norms).norm())  # the global norm, before clipping
-    opt.step()
-    return global_loss, row
+    return global_loss, opt.update(local_sum / n_tokens, math.isfinite(global_loss))
 
 
 @torch.no_grad()
@@ -482,7 +454,7 @@ def run(args, rank, world, device):
     validation metrics."""
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout masks (and stochastic rounding)
     random.seed(args.seed)
     tok = load_tokenizer(args, rank, world)
     margs = model_args(args, tok)
@@ -503,18 +475,29 @@ def run(args, rank, world, device):
     if rank == 0:
         folder.warn_if_short_of_space(margs, dtype)
     folder.prepare()
-    model = build_model(args, margs, rank, world, device, dtype)
-    opt = build_optimizer(args, model, world)
+    lora = None  # LoRA's adapters, the same on every rank
+    if args.lora_rank:
+        lora = LoRA(margs, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
+                    seed=args.seed).to(device)
+    model = build_model(args, margs, rank, world, device, dtype, lora)
     steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, max(1, args.epochs * steps_per_epoch)))
-    step, position = folder.load(model, opt, sched) if args.resume else (0, (0, 0))
+    opt = Optimizers(args, model, lora, world, max(1, args.epochs * steps_per_epoch))
+    step, position = folder.load(model, opt, lora) if args.resume else (0, (0, 0))
+
+    def score(examples, desc="eval"):
+        if lora is not None:
+            lora.eval()  # no dropout
+        result = evaluate(model, tok, examples, args, rank, world, device, desc)
+        if lora is not None:
+            lora.train()
+        return result
 
     def run_eval():
-        scores = evaluate(model, tok, val_set, args, rank, world, device)
+        val_scores = score(val_set)
         if args.task == "jsonl":
-            metrics = data.answer_metrics(tok, val_set, scores, args.max_len)
+            metrics = data.answer_metrics(tok, val_set, val_scores, args.max_len)
         else:
-            metrics = superglue.compute_metrics(args.task, val_set, data.predict(val_set, scores))
+            metrics = superglue.compute_metrics(args.task, val_set, data.predict(val_set, val_scores))
         folder.log({"step": step, "split": "val", "task": args.task, **metrics})
         return metrics
 
@@ -528,27 +511,26 @@ def run(args, rank, world, device):
             start = time.perf_counter()
             loss, row = train_step(args, model, opt, tokens.to(device), labels.to(device), world)
             n_real = all_reduce(sum(len(train_seqs[i][0]) for i in batches[b]), world)  # padding excluded
-            lr = opt.param_groups[0]["lr"]  # the rate this step used
-            sched.step()
+            rates = opt.rates()  # the rates this step used
+            opt.advance()
             step += 1
             losses.append(loss)
-            row = {"step": step, "loss": loss, "lr": lr, **row,
+            row = {"step": step, "loss": loss, **rates, **row,
                    "tokens_per_s": n_real / (time.perf_counter() - start), "peak_mem_gib": peak_memory_gib(device)}
             folder.log({k: v for k, v in row.items() if v is not None})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['peak_mem_gib']:.1f}G")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{next(iter(rates.values())):.2e}",
+                            tok_s=f"{row['tokens_per_s']:.0f}", mem=f"{row['peak_mem_gib']:.1f}G")
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
             if args.save_every and step % args.save_every == 0:
-                written["checkpoint"] = folder.save(step, (epoch, b + 1), model, opt, sched)
+                written["checkpoint"] = folder.save(step, (epoch, b + 1), model, opt, lora)
     bar.close()
     if args.epochs:
-        written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, sched)
+        written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, lora)
     metrics = run_eval()
     for name, examples in predict_sets.items():
-        scores = evaluate(model, tok, examples, args, rank, world, device, desc=f"predict {name}")
-        preds = data.predict(examples, scores)
+        preds = data.predict(examples, score(examples, desc=f"predict {name}"))
         if rank == 0:
             path = superglue.write_predictions(name, examples, preds, args.save_dir)
             written["predictions"] = ", ".join(filter(None, [written.get("predictions"), path]))
@@ -558,7 +540,7 @@ def run(args, rank, world, device):
         print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
               "their predictions too")
     if args.export:
-        rundir.export(args, model, margs, rank, world)
+        rundir.export(args, model, margs, rank, world, lora)
         written["export"] = args.export
     if rank == 0:
         trained = ""

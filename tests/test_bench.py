@@ -65,6 +65,8 @@ def test_every_method_runs_and_memory_orders_as_the_state_it_keeps():
     assert gib("adamw") >= 4 * param_bytes                   # plus two fp32 moments
     assert gib("lomo") < gib("floor") + 0.25 * param_bytes    # one gradient at a time
     assert gib("lomo") < 0.5 * gib("adamw")
+    assert gib("lora") < gib("floor") + 0.1 * param_bytes     # no base gradient at all; small adapters
+    assert gib("lomo") < gib("lora-lomo") < gib("floor") + 0.25 * param_bytes
 
 
 def test_methods_over_the_memory_limit_are_reported_oom_and_the_others_run(capsys):

@@ -1,5 +1,5 @@
 """plan.py's estimate against the peak tensor memory of one LOMO step measured on CPU (bench.TensorMemoryTracker,
-and the profiler's memory timeline for a tied model)."""
+and the profiler's memory timeline for a tied model), and of the two LoRA modes."""
 import json
 import warnings
 
@@ -8,8 +8,10 @@ import torch
 
 from bench import TensorMemoryTracker
 from lomo import LOMO
+from lora import TARGETS, LoRA
 from model import ModelArgs, Transformer, cross_entropy, init_weights
-from plan import GiB, plan
+from optimizers import LORA_ADAMW
+from plan import GiB, lora_numel, plan
 
 
 def measure_lomo_step(margs, batch, seq_len):
@@ -77,6 +79,55 @@ def test_plan_of_a_tied_model_counts_the_weight_once_and_its_gradient_twice(tmp_
     untied_params = plan(untied, "lomo", 1, 1, 8, nbytes=4)["params"]
     assert (untied_params - estimate["params"]) * GiB == 4000 * 128 * 4  # the weight counted once
     peak, param_bytes = measure_tied_step(tied, 1, 8, tmp_path)
+    assert estimate["params"] * GiB == param_bytes
+    step = (estimate["total"] - estimate["params"]) * GiB
+    assert abs(step - (peak - param_bytes)) <= 0.25 * (peak - param_bytes)
+
+
+def test_lora_rows_count_the_adapters_their_gradients_and_adamw_state():
+    margs = ModelArgs.from_name("7b")
+    A = sum(p.numel() for p in LoRA(margs, 2, 16).parameters())  # the module itself, r 2 on wq and wv
+    assert A == lora_numel(margs, 2, ("wq", "wv")) == 32 * 2 * 2 * (4096 + 4096)
+    lomo, lora_lomo, lora = plan(margs, "lomo"), plan(margs, "lomo", lora_rank=2), plan(margs, "lora", lora_rank=2)
+    fp32 = 4 * A / GiB  # every adapter, its gradient, each of AdamW's two moments: fp32, whole on every rank
+    assert lora_lomo["params"] - lomo["params"] == pytest.approx(fp32)
+    assert lora_lomo["grads"] - lomo["grads"] == pytest.approx(fp32)
+    assert lora_lomo["optimizer_state"] == pytest.approx(2 * fp32)
+    assert (lora["grads"], lora["optimizer_state"]) == pytest.approx((fp32, 2 * fp32))  # no base gradient at all
+    eight = plan(margs, "lora", 8, lora_rank=2)
+    assert eight["params"] == pytest.approx(lomo["params"] / 8 + fp32) and eight["grads"] == pytest.approx(fp32)
+
+
+def measure_lora_step(margs, batch, seq_len, optimizer, targets):
+    """(peak live tensor bytes, parameter and adapter bytes) of one fp32 step of the LoRA baseline (optimizer
+    "lora") or of LoRA + LOMO ("lomo"), as train.py runs it on one process."""
+    model = Transformer(margs, checkpointing=True)
+    init_weights(model, seed=0)
+    lora = LoRA(margs, 2, 16, dropout=0.05, targets=targets)
+    lora.attach(model)
+    tokens = torch.randint(margs.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    params, adapters = list(model.parameters()), list(lora.parameters())
+    if optimizer == "lora":
+        model.requires_grad_(False)
+    with TensorMemoryTracker(params + adapters + [tokens]) as tracker:
+        adamw = torch.optim.AdamW(adapters, lr=1e-3, **LORA_ADAMW)
+        loss = cross_entropy(model(tokens), tokens)
+        if optimizer == "lora":
+            loss.backward()
+        else:
+            lomo = LOMO(params, lr=1e-3)
+            lomo.add_external_params(adapters)
+            lomo.fused_backward(loss)
+        adamw.step()
+    return tracker.peak, sum(p.numel() * 4 for p in params + adapters)
+
+
+@pytest.mark.parametrize("optimizer", ["lora", "lomo"])
+def test_plan_of_the_lora_modes_within_25_percent_of_the_measured_step(optimizer):
+    # Adapters on every projection and 256 tokens: their activations are a fair share of what a step adds.
+    margs, targets = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=1000, multiple_of=32), tuple(TARGETS)
+    peak, param_bytes = measure_lora_step(margs, 2, 128, optimizer, targets)
+    estimate = plan(margs, optimizer, 1, 2, 128, nbytes=4, lora_rank=2, lora_targets=targets)
     assert estimate["params"] * GiB == param_bytes
     step = (estimate["total"] - estimate["params"]) * GiB
     assert abs(step - (peak - param_bytes)) <= 0.25 * (peak - param_bytes)

@@ -11,6 +11,7 @@ import torch
 import checkpoint
 import data
 import model
+import optimizers
 import plan
 import train
 from dist_utils import run_workers
@@ -366,14 +367,14 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
 
 def test_clip_grad_norm_scope_reaches_the_optimizer():
     args = train.parse_args(["--clip-grad-norm", "1.0", "--clip-grad-norm-scope", "tensor"])
-    opt = train.build_optimizer(args, torch.nn.Linear(2, 2), world=1)
+    opt = optimizers.build_base(args, torch.nn.Linear(2, 2), world=1)
     assert opt.clip_grad_norm_scope == "tensor" and not opt.check_pass  # grouped clipping: one backward pass
 
 
 def test_unfused_baselines_refuse_own_sharding():
     args = train.parse_args(["--optimizer", "adamw"])
     with pytest.raises(SystemExit, match="not supported with --sharding own"):
-        train.build_optimizer(args, torch.nn.Linear(2, 2), world=2)
+        optimizers.build_base(args, torch.nn.Linear(2, 2), world=2)
 
 
 def boolq_fixture(folder, splits=("train", "val", "test")):
@@ -450,7 +451,8 @@ def test_master_weights_resume_exactly_in_bf16(tokenizer, tmp_path):
         assert torch.equal(resumed[key], full[key]), key
 
 
-@pytest.mark.parametrize("cls,ref_cls", [(train.MasterAdamW, torch.optim.AdamW), (train.MasterSGD, torch.optim.SGD)])
+@pytest.mark.parametrize("cls,ref_cls", [(optimizers.MasterAdamW, torch.optim.AdamW),
+                                         (optimizers.MasterSGD, torch.optim.SGD)])
 def test_master_weight_baselines_follow_the_fp32_optimizer(cls, ref_cls):
     """bf16 weights, fp32 masters: the masters take exactly the steps of the fp32 optimizer fed with the bf16
     gradients, and the weights are the masters rounded to bf16."""
