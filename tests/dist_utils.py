@@ -3,6 +3,7 @@ import gc
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -16,6 +17,7 @@ def _free_port():
 def _entry(rank, fn, world_size, port, init, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1: N ranks x N threads would oversubscribe the cores
     if not init:  # fn sets torch.distributed up itself, as train.main does under torchrun
         return fn(rank, world_size, *args)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
