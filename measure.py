@@ -140,7 +140,7 @@ def sync(device):
 
 
 def timed(fn, device) -> float:
-    """Seconds that fn() takes, the device's work queued before it finished first and its own included."""
+    """Seconds that fn() takes, its queued device work included: the device is synchronised before and after."""
     sync(device)
     start = time.perf_counter()
     fn()
