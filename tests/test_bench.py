@@ -1,16 +1,20 @@
-"""bench.py: the memory tracker against known allocations, a smoke run of every method, and the collective
-bytes of the sharded run against a count made here from the shapes."""
+"""bench.py, bench_eval.py and measure.py: the memory tracker against known allocations, a smoke run of every
+method, and the collective bytes of the sharded run against a count made here from the shapes."""
 import argparse
+import contextlib
 import dataclasses
+import io
 import os
 
 import pytest
 import torch
 
 import bench
+import bench_eval
 import data
 import superglue
 from dist_utils import run_workers
+from measure import TensorMemoryTracker
 from model import param_shapes
 from tokenizer import open_tokenizer
 
@@ -18,7 +22,7 @@ MINI = ["--model", "mini", "--seq-len", "16", "--warmup", "1", "--steps", "1"]
 
 
 def test_tracker_counts_known_allocations_and_frees():
-    with bench.TensorMemoryTracker() as tracker:
+    with TensorMemoryTracker() as tracker:
         a = torch.empty(1000)                       # 4000 bytes
         b = torch.empty(500, dtype=torch.float64)   # 4000 bytes
         view = a[:10]                               # shares a's storage: nothing more
@@ -37,7 +41,7 @@ def test_tracker_counts_known_allocations_and_frees():
 
 def test_tracker_counts_given_tensors_and_follows_storage_resize():
     weight = torch.ones(256)  # made before the mode: counts from the start because it is passed in
-    with bench.TensorMemoryTracker([weight]) as tracker:
+    with TensorMemoryTracker([weight]) as tracker:
         assert tracker.current == 1024
         weight.untyped_storage().resize_(0)  # how FSDP2 frees its unsharded parameters
         assert tracker.current == 0
@@ -47,7 +51,7 @@ def test_tracker_counts_given_tensors_and_follows_storage_resize():
 
 def test_tracker_sees_backward_and_gradients():
     w = torch.ones(100, 100, requires_grad=True)  # 40000 bytes
-    with bench.TensorMemoryTracker([w]) as tracker:
+    with TensorMemoryTracker([w]) as tracker:
         (w * 2).sum().backward()
         assert tracker.current == 2 * 40000  # w and w.grad; w * 2 and the scalars are freed
     assert 2 * 40000 <= tracker.peak <= 3 * 40000 + 64
@@ -91,18 +95,18 @@ def test_eval_scores_every_candidate_token_with_less_padding(capsys):
                               "--eval-batch-size", "4", "--steps", "2"])
     floor, ours, hf = rows
     assert floor["method"] == "floor" and floor["peak_gib"] > 0  # a training method still runs beside them
-    encoded = bench.synthetic_candidates(5, 256, 1024)
+    encoded = bench_eval.synthetic_candidates(5, 256, 1024)
     assert ours["tokens"] == sum(len(ids) for example in encoded for ids, _ in example)
     assert ours["sequences"] == sum(map(len, encoded)) and ours["spread"] >= 1
     assert ours["peak_gib"] > 0 and ours["tokens_per_s"] == pytest.approx(ours["tokens"] / ours["pass_s"])
     lengths = [len(ids) for example in encoded for ids, _ in example]
     in_order = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]  # transformers' batches: the data's order
-    assert ours["padding"] < bench.padding_share(in_order)
+    assert ours["padding"] < bench_eval.padding_share(in_order)
     out = capsys.readouterr().out
     if "error" in hf:  # transformers is a test-only dependency
         assert "transformers is not installed" in hf["error"] and "ERROR" in out
     else:
-        assert hf["tokens"] == ours["tokens"] and hf["padding"] == pytest.approx(bench.padding_share(in_order))
+        assert hf["tokens"] == ours["tokens"] and hf["padding"] == pytest.approx(bench_eval.padding_share(in_order))
         assert "vs eval-hf" in out and "1.00" in out
 
 
@@ -111,13 +115,13 @@ def test_eval_reads_superglue_with_the_real_tokenizer(capsys):
         pytest.skip("../shared/realdata is absent")
     args = bench.parse_args(["--model", "mini", "--methods", "eval", "--eval-examples", "2"])  # real data: the default
     margs = dataclasses.replace(bench.model_args("mini"), vocab_size=32000)
-    encoded, pad_id, what = bench.eval_candidates(args, margs)
+    encoded, pad_id, what = bench_eval.eval_candidates(args, margs)
     tok = open_tokenizer(args.tokenizer)
     examples = [ex for task in superglue.TASKS for ex in superglue.load_task(task, args.data_dir, "val")[:2]]
     assert encoded == [data.encode_candidates(tok, ex, 1024) for ex in examples] and pad_id == tok.pad_id
     assert "16 SuperGLUE val examples" in what
     with pytest.raises(SystemExit, match="has 32000 tokens, more than --model mini's 256 embedding rows"):
-        bench.eval_candidates(args, bench.model_args("mini"))
+        bench_eval.eval_candidates(args, bench.model_args("mini"))
 
 
 def test_bad_flags_are_rejected_with_the_flag_named(capsys):
@@ -167,3 +171,19 @@ def _sharded_worker(rank, world):
 
 def test_sharded_collective_bytes_match_the_shapes():
     run_workers(_sharded_worker, world_size=2)
+
+
+def _sharded_command_line_worker(rank, world):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rows = bench.main(MINI + ["--sharded"])  # sets up and tears down its own process group
+    assert [r["sharding"] for r in rows] == ["own", "fsdp2"]
+    assert rows[0]["sent_gib_per_step"] == pytest.approx(rows[0]["exact_sent_gib_per_step"], rel=1e-9)
+    if rank == 0:  # the table, once
+        assert "own / fsdp2 step time" in out.getvalue() and "measure.TensorMemoryTracker" in out.getvalue()
+    else:
+        assert out.getvalue() == ""
+
+
+def test_the_sharded_command_line_runs_on_three_ranks_and_rank_0_reports():
+    run_workers(_sharded_command_line_worker, world_size=3, init=False)

@@ -466,7 +466,7 @@ def test_fp16_repro_moves_by_lr_times_gradient():
 def test_bounded_temporaries_and_no_fp32_copy_of_a_16bit_gradient():
     """The check pass takes each gradient's squared norm with fp32 accumulation, without an fp32 copy of it, and
     16-bit updates add no fp32 copy of the weight (issue 10.3)."""
-    from bench import TensorMemoryTracker
+    from measure import TensorMemoryTracker
 
     torch.manual_seed(0)
     w = nn.Parameter((torch.randn(2048, 1024) * 0.02).bfloat16())
@@ -877,7 +877,7 @@ def test_compiled_model_trains_in_every_mode_like_eager():
 
 
 def test_adalomo_temporaries_are_a_chunk_not_copies_of_the_gradient():
-    from bench import TensorMemoryTracker
+    from measure import TensorMemoryTracker
 
     torch.manual_seed(0)
     w = nn.Parameter((torch.randn(2048, 1024) * 0.02).bfloat16())

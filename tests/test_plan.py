@@ -1,4 +1,4 @@
-"""plan.py's estimate against the peak tensor memory of one LOMO step measured on CPU (bench.TensorMemoryTracker,
+"""plan.py's estimate against the peak tensor memory of one LOMO step measured on CPU (measure.TensorMemoryTracker,
 and the profiler's memory timeline for a tied model), and of the two LoRA modes."""
 import json
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from bench import TensorMemoryTracker
+from measure import TensorMemoryTracker
 from lomo import LOMO
 from lora import TARGETS, LoRA
 from model import ModelArgs, Transformer, cross_entropy, init_weights

@@ -129,10 +129,10 @@ def test_scoring_batches_sort_by_length_and_count():
 
 
 def test_our_scores_equal_transformers_plain_scoring(tmp_path):
-    """transformers' LlamaForCausalLM scores with bench.py's plain reference (data order, full logits); our model
+    """transformers' LlamaForCausalLM scores with bench_eval.py's plain reference (data order, full logits); our model
     reads the same weights from the folder transformers saved."""
     transformers = pytest.importorskip("transformers")
-    import bench
+    import bench_eval
     import checkpoint
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -142,8 +142,8 @@ def test_our_scores_equal_transformers_plain_scoring(tmp_path):
     reference = transformers.LlamaForCausalLM(config).eval()
     reference.save_pretrained(tmp_path)
     ours = checkpoint.load_model(tmp_path)
-    encoded = bench.synthetic_candidates(6, 128, 512)
-    expected = bench.hf_scores(reference, encoded, 4, 0, torch.device("cpu"))
+    encoded = bench_eval.synthetic_candidates(6, 128, 512)
+    expected = bench_eval.hf_scores(reference, encoded, 4, 0, torch.device("cpu"))
     scores = data.score_sequences(ours, encoded, batch_size=4, pad_id=0)
     torch.testing.assert_close(torch.tensor(sum(scores, [])), torch.tensor(expected), atol=1e-3, rtol=0)
 
