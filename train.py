@@ -480,9 +480,10 @@ def run(args, rank, world, device):
         lora = LoRA(margs, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
                     seed=args.seed).to(device)
     model = build_model(args, margs, rank, world, device, dtype, lora)
-    steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
+    global_batch = args.batch_size * world
+    steps_per_epoch = -(-len(train_set) // global_batch)
     opt = Optimizers(args, model, lora, world, max(1, args.epochs * steps_per_epoch))
-    step, position = folder.load(model, opt, lora) if args.resume else (0, (0, 0))
+    step, position = folder.load(model, opt, lora) if args.resume else (0, (0, 0))  # (epoch, examples done)
 
     def score(examples, desc="eval"):
         if lora is not None:
@@ -505,7 +506,7 @@ def run(args, rank, world, device):
     losses, written = [], {"metrics": folder.metrics_path}
     for epoch in range(position[0], args.epochs):
         batches = data.epoch_batches(len(train_set), args.batch_size, world, rank, args.seed, epoch)
-        for b in range(position[1] if epoch == position[0] else 0, len(batches)):
+        for b in range(-(-position[1] // global_batch) if epoch == position[0] else 0, len(batches)):
             seqs = [train_seqs[i] for i in batches[b]] or [([tok.bos_id, tok.eos_id], [-100, -100])]  # dropped work
             tokens, labels = data.collate(seqs, tok.pad_id)
             start = time.perf_counter()
@@ -524,7 +525,8 @@ def run(args, rank, world, device):
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
             if args.save_every and step % args.save_every == 0:
-                written["checkpoint"] = folder.save(step, (epoch, b + 1), model, opt, lora)
+                done = min(len(train_set), (b + 1) * global_batch)
+                written["checkpoint"] = folder.save(step, (epoch, done), model, opt, lora)
     bar.close()
     if args.epochs:
         written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, lora)
