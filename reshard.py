@@ -122,8 +122,9 @@ def read_rows(files: list, model) -> tuple[dict, list]:
                     with torch.no_grad():
                         target[a - start:b - start].copy_(piece[a - lo:b - lo])
                     done[name, key] = done.get((name, key), 0) + b - a
-        heads.append({k: v for k, v in saved.items() if k not in ("model", "state")})
-        del saved  # unmapped before the next file is opened
+        heads.append({k: v.clone() if torch.is_tensor(v) else v  # the RNG states: copied, so that the file is
+                      for k, v in saved.items() if k not in ("model", "state")})  # unmapped once `saved` goes
+        del saved
     for name, (start, stop) in mine.items():
         for key in [None] + [k for k, v in state.get(name, {}).items() if _kind(k, v) == "rows"]:
             if done.get((name, key), 0) != stop - start:
