@@ -131,7 +131,8 @@ def parse_args(argv=None):
                    "or the checkpoints after --resume's")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save-dir")
-    p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
+    p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from (on any number "
+                   "of ranks, either sharding)")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"), help="Meta's or Hugging Face's")
     p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "

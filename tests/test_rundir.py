@@ -287,25 +287,6 @@ def test_low_disk_space_is_warned_of(tokenizer, tmp_path, monkeypatch, capsys):
     assert f"warning: {tmp_path} has 0.00 MiB free, but the export needs about" in out
 
 
-def _three_rank_worker(rank, world, argv, full, resumed):
-    train.main(argv + ["--save-dir", full])
-    train.main(argv + ["--save-dir", resumed, "--resume", str(Path(full) / "step_00000002")])
-
-
-def test_three_ranks_resume_exactly(tokenizer, tmp_path):
-    """3 ranks, uneven row shards (dim 64 and vocab 320 over 3) and an uneven last batch (10 examples, 6 a step)."""
-    argv = ["--tokenizer", tokenizer, "--train-samples", "10", "--epochs", "2", "--batch-size", "2", "--eval-samples",
-            "3", "--max-len", "48", "--optimizer", "adalomo", "--lr", "0.01", "--save-every", "2", "--keep-last", "5"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_workers(_three_rank_worker, argv, str(full), str(resumed), world_size=3)
-    assert [r.get("loss") for r in rows(resumed)] == [r.get("loss") for r in rows(full)[-len(rows(resumed)):]]
-    assert [r["step"] for r in rows(resumed) if "loss" in r] == [3, 4]
-    for r in range(3):
-        a, b = (torch.load(f / "step_00000004" / f"rank{r}.pt", weights_only=False) for f in (full, resumed))
-        assert a["rows"] == b["rows"] and a["model"].keys() == b["model"].keys()
-        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), r
-
-
 # ------------------------------------------------------------------------------- resume on another layout
 
 # 14 examples in global batches of 6 (6 + 6 + 2): 3 steps an epoch, 6 in all. The checkpoint at step 2 is mid-epoch
@@ -395,7 +376,7 @@ def _reshard_worker(rank, world, runs):
 def resharded(tokenizer, tmp_path_factory):
     """Runs saved on one layout and resumed at step 2 on another, and the uninterrupted runs of each new layout:
         tied AdaLomo:  1 -> 2 ranks, 2 -> 1, own -> fsdp2 (2 ranks)
-        LoRA + LOMO:   2 ranks (own, block units) -> 3 ranks (own, linear units)
+        LoRA + LOMO:   2 ranks (own, linear units) -> 3 ranks (own, block units)
         bf16 AdamW:    1 -> fsdp2 (2 ranks), its fp32 masters and moments checked right after the load."""
     import checkpoint
     import model
@@ -418,15 +399,33 @@ def resharded(tokenizer, tmp_path_factory):
         (argv(tied, 2, "tied-1to2", *resume("tied-1")), "rng", root / "tied-1" / "step_00000002"),
         (argv(tied + ["--sharding", "fsdp2"], 2, "tied-fsdp2"), None, None),
         (argv(tied + ["--sharding", "fsdp2"], 2, "tied-own-to-fsdp2", *resume("tied-2")), None, None),
-        (argv(common + LORA_LOMO, 2, "lora-2"), None, None),
+        (argv(common + LORA_LOMO + ["--shard-unit", "linear"], 2, "lora-2"), None, None),
         (argv(common + ADAMW_BF16 + ["--sharding", "fsdp2"], 2, "adamw-1to2", *resume("adamw-1")), "adamw",
          root / "adamw-1" / "step_00000002")], world_size=2)
+    exact = ["--tokenizer", tokenizer, "--train-samples", "10", "--epochs", "2", "--batch-size", "2",
+             "--eval-samples", "3", "--max-len", "48", "--optimizer", "adalomo", "--lr", "0.01", "--save-every", "2",
+             "--keep-last", "5"]  # for test_three_ranks_resume_exactly
     run_workers(_reshard_worker, [
-        (argv(common + LORA_LOMO + ["--shard-unit", "linear"], 3, "lora-3"), None, None),
-        (argv(common + LORA_LOMO + ["--shard-unit", "linear"], 3, "lora-2to3", *resume("lora-2")), "rng",
-         root / "lora-2" / "step_00000002")], world_size=3)
+        (exact + ["--save-dir", str(root / "full-3")], None, None),
+        (exact + ["--save-dir", str(root / "resumed-3"), "--resume", str(root / "full-3" / "step_00000002")], None,
+         None),
+        (argv(common + LORA_LOMO, 3, "lora-3"), None, None),
+        (argv(common + LORA_LOMO, 3, "lora-2to3", *resume("lora-2")), "rng", root / "lora-2" / "step_00000002")],
+        world_size=3)
     train.main(argv(tied, 1, "tied-2to1", *resume("tied-2")))
     return root
+
+
+def test_three_ranks_resume_exactly(resharded):
+    """3 ranks, uneven row shards (dim 64 and vocab 320 over 3) and an uneven last batch (10 examples, 6 a step),
+    resumed on the same layout: bit-exact (run in the resharded fixture's processes)."""
+    full, resumed = resharded / "full-3", resharded / "resumed-3"
+    assert [r.get("loss") for r in rows(resumed)] == [r.get("loss") for r in rows(full)[-len(rows(resumed)):]]
+    assert [r["step"] for r in rows(resumed) if "loss" in r] == [3, 4]
+    for r in range(3):
+        a, b = (torch.load(f / "step_00000004" / f"rank{r}.pt", weights_only=False) for f in (full, resumed))
+        assert a["rows"] == b["rows"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), r
 
 
 def test_resume_from_1_rank_on_2_with_adalomo_and_a_tied_model(resharded):
@@ -441,7 +440,7 @@ def test_resume_from_own_sharding_on_fsdp2(resharded):
     assert_continues(resharded / "tied-own-to-fsdp2", resharded / "tied-fsdp2")
 
 
-def test_resume_lora_lomo_from_2_ranks_on_3_and_from_block_to_linear_units(resharded):
+def test_resume_lora_lomo_from_2_ranks_on_3_and_from_linear_to_block_units(resharded):
     assert_continues(resharded / "lora-2to3", resharded / "lora-3")
     a, b = (torch.load(checkpoints(resharded / run)[-1] / rundir.LORA, weights_only=True)
             for run in ("lora-2to3", "lora-3"))
