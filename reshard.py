@@ -14,8 +14,9 @@ optimizer's state by the same names:
     scheduler, step, position, rng, python_rng, cuda_rng
 
 A rank that loads reads, for each tensor, the rows it now owns from whichever files hold them. The files are
-memory-mapped one at a time (torch.load(mmap=True)) and only the overlapping rows are copied, so no rank ever holds
-more than its own shards plus the pages of one saved piece of one tensor.
+memory-mapped one at a time (torch.load(mmap=True)) and only the overlapping rows are copied into the rank's own
+tensors: it allocates nothing beyond its own rows and their optimizer state (and one replicated vector at a time),
+and the file pages it reads are those of its own rows, mapped (the OS can drop them) until the next file is opened.
 
 The optimizer's state of a tensor reshards by its key:
     ROW_STATE   one value per row of the weight: AdaLomo's row statistics ("row") and a vector's second moment

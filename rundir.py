@@ -155,7 +155,8 @@ class RunDir:
         a = self.args
         lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "targets": a.lora_targets.split(",")} if a.lora_rank \
             else None  # what the adapters compute: lora.LoRA.config()
-        return {"format": reshard.FORMAT, "world_size": self.world, "sharding": a.sharding if self.world > 1 else "none",
+        return {"format": reshard.FORMAT, "world_size": self.world,
+                "sharding": a.sharding if self.world > 1 else "none",
                 "shard_unit": a.shard_unit if self.world > 1 and a.sharding == "own" else None,
                 "optimizer": a.optimizer, "lora": lora, "global_batch": a.batch_size * self.world,
                 "flags": {flag: getattr(a, flag) for flag in RUN_FLAGS}}
@@ -332,17 +333,16 @@ class RunDir:
                     raise ValueError(f"cannot read {LORA} ({e}); the checkpoint is corrupt") from e
                 saved = {n: tuple(t.shape) for n, t in adapters["adapters"].items()}
                 if saved != {n: tuple(t.shape) for n, t in lora.state_dict().items()}:
-                    raise ValueError("holds other LoRA adapters than --lora-rank / --lora-targets describe")
+                    raise ValueError("it holds other LoRA adapters than --lora-rank / --lora-targets describe")
             files = [path / f"rank{r}.pt" for r in range(self.resume_meta["world_size"])]
             state, heads = reshard.read_rows(files, model)  # the weights now; the rest below
         except ValueError as e:
             problem = f"--resume {path}: {e}"
         raise_together(problem, self.world)  # so that no rank goes on to train alone
-        head = heads[0]
+        head = heads[0]  # what every rank file holds alike
         if opt.base is not None:
-            opt.load_state_dict("base", {"optimizer": reshard.optimizer_state_dict(opt.base, model, head["optimizer"],
-                                                                                   state),
-                                         "scheduler": head["scheduler"]})
+            saved = reshard.optimizer_state_dict(opt.base, model, head["optimizer"], state)
+            opt.load_state_dict("base", {"optimizer": saved, "scheduler": head["scheduler"]})
         if lora is not None:
             lora.load_state_dict(adapters["adapters"])
             opt.load_state_dict("adapters", adapters)

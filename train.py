@@ -131,8 +131,7 @@ def parse_args(argv=None):
                    "or the checkpoints after --resume's")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save-dir")
-    p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from (on any number "
-                   "of ranks, either sharding)")
+    p.add_argument("--resume", help="a checkpoint folder (step_N) to continue from, on any number of ranks")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"), help="Meta's or Hugging Face's")
     p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
@@ -526,7 +525,7 @@ def run(args, rank, world, device):
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
             if args.save_every and step % args.save_every == 0:
-                done = min(len(train_set), (b + 1) * global_batch)
+                done = min(len(train_set), (b + 1) * global_batch)  # examples: the same on any number of ranks
                 written["checkpoint"] = folder.save(step, (epoch, done), model, opt, lora)
     bar.close()
     if args.epochs:

@@ -460,7 +460,7 @@ def test_a_resharded_checkpoint_keeps_adalomo_state_by_rows(resharded):
         other = full_tensors(resharded / run / "step_00000006", "state")
         assert other.keys() == one.keys()
         for item in one:
-            torch.testing.assert_close(other[item], one[item], atol=1e-5, rtol=1e-4, msg=f"{run} {item}")
+            torch.testing.assert_close(other[item], one[item], atol=0, rtol=1e-4, msg=f"{run} {item}")
         files = sorted((resharded / run / "step_00000006").glob("rank*.pt"))
         cols = [torch.load(f, weights_only=True)["state"]["layers.0.attention.wq.weight"]["col"] for f in files]
         assert len(cols) == 2 and cols[0].shape == (64,) and torch.equal(cols[0], cols[1])
