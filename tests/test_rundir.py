@@ -413,6 +413,8 @@ def resharded(tokenizer, tmp_path_factory):
         (argv(common + LORA_LOMO, 3, "lora-2to3", *resume("lora-2")), "rng", root / "lora-2" / "step_00000002")],
         world_size=3)
     train.main(argv(tied, 1, "tied-2to1", *resume("tied-2")))
+    train.main(tied + ["--epochs", "0", "--resume", str(root / "tied-2" / "step_00000006"), "--export",
+                       str(root / "tied-2-export"), "--save-dir", str(root / "tied-2-export-run")])
     return root
 
 
@@ -449,6 +451,17 @@ def test_resume_lora_lomo_from_2_ranks_on_3_and_from_linear_to_block_units(resha
     for i, state in b["optimizer"]["state"].items():  # the adapters' AdamW moments
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_of_2_ranks_exports_from_1(resharded):
+    """--epochs 0 --resume on another layout: a multi-GPU run's checkpoint evaluated and exported on one machine."""
+    import checkpoint
+    exported = checkpoint.load_model(resharded / "tied-2-export").state_dict()
+    saved = full_tensors(resharded / "tied-2" / "step_00000006")
+    assert sorted(exported) == sorted(saved)
+    for name, value in saved.items():
+        assert torch.equal(exported[name], value), name
+    assert rows(resharded / "tied-2-export-run") == [r for r in rows(resharded / "tied-2") if r.get("split")][-1:]
 
 
 def test_a_resharded_checkpoint_keeps_adalomo_state_by_rows(resharded):
