@@ -38,7 +38,7 @@ def uninterrupted(tokenizer, tmp_path_factory):
 
 
 def rows(folder):
-    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(checkpoint):
