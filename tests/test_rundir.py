@@ -308,9 +308,13 @@ def full_tensors(checkpoint, key="model"):
         for name, (start, stop) in f["rows"].items():
             items = {name: f["model"][name]} if key == "model" else \
                 {(name, k): v for k, v in f["state"].get(name, {}).items() if k in ("row", "sq", "exp_avg", "master")}
-            for item, rows in items.items():
-                pieces.setdefault(item, []).append((start, rows))
-    return {item: torch.cat([rows for _, rows in sorted(p, key=lambda x: x[0])]) for item, p in pieces.items()}
+            for item, piece in items.items():
+                pieces.setdefault(item, []).append((start, piece))
+    return {item: torch.cat([piece for _, piece in sorted(p, key=lambda x: x[0])]) for item, p in pieces.items()}
+
+
+def checkpoints(folder):
+    return rundir.checkpoints(Path(folder))
 
 
 def assert_continues(resumed, reference, step=2):
@@ -328,10 +332,6 @@ def assert_continues(resumed, reference, step=2):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
 
 
-def checkpoints(folder):
-    return rundir.checkpoints(Path(folder))
-
-
 def _checked_load(check, saved):
     """Wrap RunDir.load to check, right after it, what it restored against the saved checkpoint's files."""
     real = rundir.RunDir.load
@@ -343,15 +343,15 @@ def _checked_load(check, saved):
             if self.rank < len(files):
                 expected = torch.load(files[self.rank], weights_only=True)["rng"]
             else:
-                seed = rundir.random.Random(f"{self.args.seed}:2:{self.rank}").getrandbits(63)
+                seed = rundir.random.Random(f"{self.args.seed}:2:{self.rank}").getrandbits(63)  # step 2
                 expected = torch.Generator().manual_seed(seed).get_state()
             assert torch.equal(torch.get_rng_state(), expected)
         if check == "adamw":  # every master and moment row of the 1-rank file, in this rank's FSDP2 DTensors
             full = torch.load(Path(saved) / "rank0.pt", weights_only=True)["state"]
             masters = dict(zip(map(id, opt.base.model_params), [m for g in opt.base.param_groups for m in g["params"]]))
-            rows = train.shard.local_rows(model)
+            mine = train.shard.local_rows(model)
             for name, p in train.shard.named_params(model).items():
-                start, stop = rows[name]
+                start, stop = mine[name]
                 master, state = masters[id(p)], opt.base.state[masters[id(p)]]
                 assert master.dtype == torch.float32 and p.dtype == torch.bfloat16
                 for key, value in (("master", master), ("exp_avg", state["exp_avg"]),
