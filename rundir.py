@@ -1,15 +1,16 @@
 """The run folder of train.py (--save-dir): its checkpoints, metrics.jsonl, and the rules that keep runs apart.
 
     <save-dir>/metrics.jsonl        a JSON row per training step and per evaluation (rank 0 writes it)
-    <save-dir>/step_00000020/       a checkpoint: rank0.pt, rank1.pt, ... (each rank's rows), meta.json, and
-                                    with LoRA lora.pt (the adapters and their AdamW state: one copy, as every rank
-                                    holds the same)
+    <save-dir>/step_00000020/       a checkpoint: rank0.pt, rank1.pt, ... (each rank's rows with their global
+                                    offsets, and its optimizer state: reshard.py), meta.json, and with LoRA lora.pt
+                                    (the adapters and their AdamW state: one copy, as every rank holds the same)
     <save-dir>/<Task>.jsonl         test predictions (--predict)
 
 A folder holds one run. A fresh run needs an empty or new folder, or --overwrite, which deletes the files an
 earlier run left there (never other files). A run resumed from one of the folder's own checkpoints continues it
 in place: metrics.jsonl is cut back to what it held when that checkpoint was saved, and the checkpoint must be the
 folder's latest (--overwrite deletes the later ones). So no folder ever mixes two runs or two histories.
+A checkpoint resumes on any number of ranks and either sharding (reshard.py), with the same global batch.
 All of this is checked on every rank before the model is loaded; only rank 0 writes outside its own files.
 """
 import errno
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import plan
+import reshard
 import shard
 import superglue
 from checkpoint import HFWriter, MetaWriter
@@ -31,8 +33,9 @@ from model import param_shapes
 
 META, METRICS, LORA = "meta.json", "metrics.jsonl", "lora.pt"
 # Flags that a resumed training run must share with the saved one: each changes the data order, the schedule
-# or the update, so changing one mid-run would silently give a run that no single command describes.
-RUN_FLAGS = ("task", "train_samples", "sampling", "seed", "epochs", "batch_size", "max_len", "optimizer", "lr",
+# or the update, so changing one mid-run would silently give a run that no single command describes. (The global
+# batch, --batch-size x ranks, must be the same too; --batch-size alone may change with the number of ranks.)
+RUN_FLAGS = ("task", "train_samples", "sampling", "seed", "epochs", "max_len", "optimizer", "lr",
              "lr_schedule", "warmup_ratio", "clip_grad_norm", "clip_grad_value", "clip_loss_value", "weight_decay",
              "stochastic_rounding", "dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 
@@ -152,7 +155,8 @@ class RunDir:
         a = self.args
         lora = {"rank": a.lora_rank, "alpha": a.lora_alpha, "targets": a.lora_targets.split(",")} if a.lora_rank \
             else None  # what the adapters compute: lora.LoRA.config()
-        return {"world_size": self.world, "sharding": a.sharding if self.world > 1 else "none",
+        return {"format": reshard.FORMAT, "world_size": self.world,
+                "sharding": a.sharding if self.world > 1 else "none",
                 "shard_unit": a.shard_unit if self.world > 1 and a.sharding == "own" else None,
                 "optimizer": a.optimizer, "lora": lora, "global_batch": a.batch_size * self.world,
                 "flags": {flag: getattr(a, flag) for flag in RUN_FLAGS}}
@@ -197,12 +201,10 @@ class RunDir:
 
     def _check_resume(self) -> None:
         saved, ours, path = self.resume_meta, self.describe(), self.args.resume
-        layout = ("world_size", "sharding", "shard_unit")
-        if tuple(saved[k] for k in layout) != tuple(ours[k] for k in layout):
-            raise SystemExit(f"--resume {path} was saved by {saved['world_size']} rank(s) with sharding "
-                             f"{saved['sharding']} (unit {saved['shard_unit']}); this run has {self.world} rank(s) "
-                             f"with sharding {ours['sharding']} (unit {ours['shard_unit']}). Resume with the same "
-                             "--nproc_per_node, --sharding and --shard-unit; the checkpoint is left untouched.")
+        if saved.get("format", 1) != reshard.FORMAT:
+            raise SystemExit(f"--resume {path} was written by an earlier train.py (checkpoint format "
+                             f"{saved.get('format', 1)}; this one reads format {reshard.FORMAT}): resume it with the "
+                             "train.py that wrote it; the checkpoint is left untouched")
         if saved["optimizer"] != ours["optimizer"]:
             raise SystemExit(f"--resume {path} was saved with --optimizer {saved['optimizer']}, this run has "
                              f"--optimizer {ours['optimizer']}")
@@ -217,6 +219,18 @@ class RunDir:
                 flags = lambda values: " ".join(f"--{f.replace('_', '-')} {values[f]}" for f in differ)  # noqa: E731
                 raise SystemExit(f"--resume {path} was saved with {flags(saved['flags'])}; this run has "
                                  f"{flags(ours['flags'])}: pass the saved values (or --epochs 0 to only evaluate)")
+            self._check_global_batch()
+
+    def _check_global_batch(self) -> None:
+        """The same global batch on any number of ranks: the same examples make each step (data.epoch_batches)."""
+        saved, world, batch = self.resume_meta, self.world, self.args.batch_size
+        if saved["global_batch"] == batch * world:
+            return
+        fix = (f"pass --batch-size {saved['global_batch'] // world}" if saved["global_batch"] % world == 0 else
+               f"it does not split over {world} ranks: run on a number of ranks that divides it")
+        raise SystemExit(f"--resume {self.args.resume} was saved with a global batch of {saved['global_batch']} "
+                         f"({saved['world_size']} rank(s) x --batch-size {saved['global_batch'] // saved['world_size']}"
+                         f"); this run's is {batch * world} ({world} rank(s) x --batch-size {batch}): {fix}")
 
     def prepare(self) -> None:
         """After every check has passed: delete what check() found to go, and cut metrics.jsonl back to the
@@ -245,7 +259,8 @@ class RunDir:
         """<save-dir>/step_N: one file per rank plus meta.json (and lora.pt), written in a temporary folder,
         fsynced, then renamed, so that a crash or a full disk during a save never harms the last good checkpoint. A
         step this run has already saved (or resumed from) holds this very state and is not written twice. Keeps the
-        last --keep-last. Every rank calls it, with its optimizers.Optimizers and the lora.LoRA (or None)."""
+        last --keep-last. Every rank calls it, with its optimizers.Optimizers and the lora.LoRA (or None).
+        position: (epoch, examples of it done), which means the same on any number of ranks."""
         final, tmp = self.root / step_name(step), self.root / f".{step_name(step)}.tmp"
         if step in self.saved:
             return final
@@ -256,10 +271,8 @@ class RunDir:
             tmp.mkdir(parents=True)
         if self.world > 1:
             dist.barrier()
-        state = {"model": {n: t.detach().clone() for n, t in shard.local_tensors(model).items()},
-                 "rows": shard.local_rows(model),  # each tensor's global rows here: what resharding will need
-                 **opt.state_dict("base"), "step": step,
-                 "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        state = {**reshard.rank_state(model, opt.base), "scheduler": opt.state_dict("base")["scheduler"],
+                 "step": step, "position": position, "rng": torch.get_rng_state(), "python_rng": random.getstate(),
                  "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         adapters = {"adapters": lora.state_dict(), "config": lora.config(), **opt.state_dict("adapters")} \
             if lora is not None and self.rank == 0 else None  # replicated: rank 0's copy is everyone's
@@ -307,36 +320,43 @@ class RunDir:
             dist.barrier()
 
     def load(self, model, opt, lora=None) -> tuple[int, tuple]:
-        """Restore this rank's part of the --resume checkpoint, and the adapters (check() has checked that it fits
-        this run)."""
-        path, problem, files = Path(self.args.resume), None, {}
+        """Restore this rank's rows of the --resume checkpoint, from whatever layout saved it (reshard.py), and the
+        adapters (check() has checked that the run fits). Returns (step, position). Random state: rank r restores
+        the saved rank r's; a rank beyond the saved ones seeds from (--seed, step, rank)."""
+        path, problem = Path(self.args.resume), None
+        adapters = {"adapters": {}}
         try:
-            for name in [f"rank{self.rank}.pt"] + ([LORA] if lora is not None else []):
-                files[name] = torch.load(path / name, map_location="cpu", weights_only=False)
-        except Exception as e:  # a missing, truncated or corrupt file
-            problem = f"--resume {path}: cannot read {name} ({e}); the checkpoint is corrupt"
-        else:
-            state, adapters = files[f"rank{self.rank}.pt"], files.get(LORA, {"adapters": {}})
-            saved = {n: tuple(t.shape) for n, t in {**state["model"], **adapters["adapters"]}.items()}
-            ours = {**shard.local_tensors(model), **(lora.state_dict() if lora is not None else {})}
-            wanted = {n: tuple(t.shape) for n, t in ours.items()}
-            if saved != wanted:
-                wrong = sorted(n for n in saved.keys() | wanted.keys() if saved.get(n) != wanted.get(n))[:5]
-                problem = (f"--resume {path} holds a different model than --model / --ckpt describe (first "
-                           f"differences: {wrong}); pass the flags of the run that saved it")
+            if lora is not None:
+                try:
+                    adapters = torch.load(path / LORA, map_location="cpu", weights_only=True)
+                except Exception as e:  # a missing, truncated or corrupt file
+                    raise ValueError(f"cannot read {LORA} ({e}); the checkpoint is corrupt") from e
+                saved = {n: tuple(t.shape) for n, t in adapters["adapters"].items()}
+                if saved != {n: tuple(t.shape) for n, t in lora.state_dict().items()}:
+                    raise ValueError("it holds other LoRA adapters than --lora-rank / --lora-targets describe")
+            files = [path / f"rank{r}.pt" for r in range(self.resume_meta["world_size"])]
+            state, heads = reshard.read_rows(files, model)  # the weights now; the rest below
+        except ValueError as e:
+            problem = f"--resume {path}: {e}"
         raise_together(problem, self.world)  # so that no rank goes on to train alone
-        with torch.no_grad():
-            for name, t in shard.local_tensors(model).items():
-                t.copy_(state["model"][name])
-        opt.load_state_dict("base", state)
+        head = heads[0]  # what every rank file holds alike
+        if opt.base is not None:
+            saved = reshard.optimizer_state_dict(opt.base, model, head["optimizer"], state)
+            opt.load_state_dict("base", {"optimizer": saved, "scheduler": head["scheduler"]})
         if lora is not None:
             lora.load_state_dict(adapters["adapters"])
             opt.load_state_dict("adapters", adapters)
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-        return state["step"], tuple(state["position"])
+        if self.rank < len(heads):
+            mine = heads[self.rank]
+            torch.set_rng_state(mine["rng"])
+            if mine.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(mine["cuda_rng"])
+            random.setstate(mine["python_rng"])
+        else:
+            seed = random.Random(f"{self.args.seed}:{head['step']}:{self.rank}").getrandbits(63)
+            torch.manual_seed(seed)
+            random.seed(seed)
+        return head["step"], tuple(head["position"])
 
 
 def export(args, model, margs, rank, world, lora=None) -> None:

@@ -330,11 +330,24 @@ def fsdp2_transformer(args, mesh, device="cpu", dtype=torch.float32, lora=None):
 
 # ------------------------------------------------------------------------------- loading and saving
 
-def local_tensors(model) -> dict:
-    """{Meta name: this rank's rows} for any of the three model kinds (plain, own shards, FSDP2)."""
+def named_params(model) -> dict:
+    """{Meta name: parameter} for any of the three model kinds: a plain model's, the own backend's row shards,
+    FSDP2's DTensors. A tied embedding is named once, tok_embeddings.weight."""
     if isinstance(model, ShardedTransformer):
         return {n: s for u in model.units() for n, s in zip(u.names, u.shards)}
-    return {n: p.to_local() if hasattr(p, "to_local") else p for n, p in model.named_parameters()}
+    return dict(model.named_parameters())
+
+
+def local_tensors(model) -> dict:
+    """{Meta name: this rank's rows} for any of the three model kinds."""
+    return {n: p.to_local() if hasattr(p, "to_local") else p for n, p in named_params(model).items()}
+
+
+def full_shapes(model) -> dict:
+    """{Meta name: the full (unsharded) shape} for any of the three model kinds."""
+    if isinstance(model, ShardedTransformer):
+        return {n: tuple(s) for u in model.units() for n, s in zip(u.names, u.shapes)}
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}  # a DTensor's shape is the full one
 
 
 def local_rows(model) -> dict:

@@ -131,7 +131,7 @@ def parse_args(argv=None):
                    "or the checkpoints after --resume's")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in --save-dir")
-    p.add_argument("--resume", help="a checkpoint folder written by --save-every, to continue from")
+    p.add_argument("--resume", help="a checkpoint folder (step_N) to continue from, on any number of ranks")
     p.add_argument("--export", help="write the trained model to this new folder at the end")
     p.add_argument("--export-format", default="meta", choices=("meta", "hf"), help="Meta's or Hugging Face's")
     p.add_argument("--predict", action="store_true", help="write test-split predictions (SuperGLUE format; "
@@ -480,9 +480,10 @@ def run(args, rank, world, device):
         lora = LoRA(margs, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
                     seed=args.seed).to(device)
     model = build_model(args, margs, rank, world, device, dtype, lora)
-    steps_per_epoch = -(-len(train_set) // (args.batch_size * world))
+    global_batch = args.batch_size * world
+    steps_per_epoch = -(-len(train_set) // global_batch)
     opt = Optimizers(args, model, lora, world, max(1, args.epochs * steps_per_epoch))
-    step, position = folder.load(model, opt, lora) if args.resume else (0, (0, 0))
+    step, position = folder.load(model, opt, lora) if args.resume else (0, (0, 0))  # (epoch, examples done)
 
     def score(examples, desc="eval"):
         if lora is not None:
@@ -505,7 +506,7 @@ def run(args, rank, world, device):
     losses, written = [], {"metrics": folder.metrics_path}
     for epoch in range(position[0], args.epochs):
         batches = data.epoch_batches(len(train_set), args.batch_size, world, rank, args.seed, epoch)
-        for b in range(position[1] if epoch == position[0] else 0, len(batches)):
+        for b in range(-(-position[1] // global_batch) if epoch == position[0] else 0, len(batches)):
             seqs = [train_seqs[i] for i in batches[b]] or [([tok.bos_id, tok.eos_id], [-100, -100])]  # dropped work
             tokens, labels = data.collate(seqs, tok.pad_id)
             start = time.perf_counter()
@@ -524,7 +525,8 @@ def run(args, rank, world, device):
             if args.eval_every and step % args.eval_every == 0:
                 run_eval()
             if args.save_every and step % args.save_every == 0:
-                written["checkpoint"] = folder.save(step, (epoch, b + 1), model, opt, lora)
+                done = min(len(train_set), (b + 1) * global_batch)  # examples: the same on any number of ranks
+                written["checkpoint"] = folder.save(step, (epoch, done), model, opt, lora)
     bar.close()
     if args.epochs:
         written["checkpoint"] = folder.save(step, (args.epochs, 0), model, opt, lora)

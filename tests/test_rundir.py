@@ -1,6 +1,7 @@
 """rundir.py through train.main: a --save-dir holds one run, resumes continue it exactly, and a failed save or
 export (a full disk, simulated) keeps the last good checkpoint and says what it needed."""
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -37,7 +38,7 @@ def uninterrupted(tokenizer, tmp_path_factory):
 
 
 def rows(folder):
-    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(checkpoint):
@@ -153,8 +154,11 @@ def test_save_never_skips_a_checkpoint_it_did_not_write(tmp_path):
 def test_resume_refuses_flags_that_change_the_run(tokenizer, uninterrupted, tmp_path):
     checkpoint = uninterrupted / "step_00000004"
     run = FLAGS + ["--tokenizer", tokenizer, "--save-dir", str(tmp_path / "x"), "--resume", str(checkpoint)]
-    with pytest.raises(SystemExit, match="saved with --seed 42 --batch-size 2; this run has --seed 7 --batch-size 4"):
-        train.main(run + ["--seed", "7", "--batch-size", "4"])
+    with pytest.raises(SystemExit, match="saved with --seed 42 --lr 0.01; this run has --seed 7 --lr 0.02"):
+        train.main(run + ["--seed", "7", "--lr", "0.02"])
+    with pytest.raises(SystemExit, match=r"saved with a global batch of 2 \(1 rank\(s\) x --batch-size 2\); this "
+                       r"run's is 4 \(1 rank\(s\) x --batch-size 4\): pass --batch-size 2$"):
+        train.main(run + ["--batch-size", "4"])
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
     train.main(run + ["--epochs", "0", "--seed", "7"])  # only evaluates: any flags
     assert [r["step"] for r in rows(tmp_path / "x")] == [4]
@@ -283,20 +287,193 @@ def test_low_disk_space_is_warned_of(tokenizer, tmp_path, monkeypatch, capsys):
     assert f"warning: {tmp_path} has 0.00 MiB free, but the export needs about" in out
 
 
-def _three_rank_worker(rank, world, argv, full, resumed):
-    train.main(argv + ["--save-dir", full])
-    train.main(argv + ["--save-dir", resumed, "--resume", str(Path(full) / "step_00000002")])
+# ------------------------------------------------------------------------------- resume on another layout
+
+# 14 examples in global batches of 6 (6 + 6 + 2): 3 steps an epoch, 6 in all. The checkpoint at step 2 is mid-epoch
+# (12 examples done); in the last batch of each epoch 2 examples go to 3 ranks, so one rank runs empty.
+LAYOUT = ["--train-samples", "14", "--epochs", "2", "--eval-samples", "3", "--max-len", "48", "--save-every", "2",
+          "--keep-last", "10"]
+PER_RANK = {1: "6", 2: "3", 3: "2"}  # --batch-size: a global batch of 6 on any of these
+TIED = ["--optimizer", "adalomo", "--lr", "0.01", "--clip-grad-norm", "1.0"]  # with a tied --ckpt: see below
+LORA_LOMO = ["--lora-rank", "2", "--lora-dropout", "0", "--lora-lr", "0.01"]
+ADAMW_BF16 = ["--optimizer", "adamw", "--lr", "0.01", "--dtype", "bf16"]
 
 
-def test_three_ranks_resume_exactly(tokenizer, tmp_path):
-    """3 ranks, uneven row shards (dim 64 and vocab 320 over 3) and an uneven last batch (10 examples, 6 a step)."""
-    argv = ["--tokenizer", tokenizer, "--train-samples", "10", "--epochs", "2", "--batch-size", "2", "--eval-samples",
-            "3", "--max-len", "48", "--optimizer", "adalomo", "--lr", "0.01", "--save-every", "2", "--keep-last", "5"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_workers(_three_rank_worker, argv, str(full), str(resumed), world_size=3)
+def full_tensors(checkpoint, key="model"):
+    """{name: full tensor} (key "model") or {(name, state key): full tensor} (key "state", the rows-kind state) of
+    a checkpoint, put together from each rank file's rows at their global offsets: the reference layout-free view."""
+    files = [torch.load(f, weights_only=True) for f in sorted(Path(checkpoint).glob("rank*.pt"))]
+    pieces = {}
+    for f in files:
+        for name, (start, stop) in f["rows"].items():
+            items = {name: f["model"][name]} if key == "model" else \
+                {(name, k): v for k, v in f["state"].get(name, {}).items() if k in ("row", "sq", "exp_avg", "master")}
+            for item, piece in items.items():
+                pieces.setdefault(item, []).append((start, piece))
+    return {item: torch.cat([piece for _, piece in sorted(p, key=lambda x: x[0])]) for item, p in pieces.items()}
+
+
+def checkpoints(folder):
+    return rundir.checkpoints(Path(folder))
+
+
+def assert_continues(resumed, reference, step=2):
+    """The run resumed from step `step` equals the uninterrupted `reference` from there: each later metrics row
+    (losses within 1e-5, the same accuracy), and the final weights within 1e-5."""
+    got, want = rows(resumed), [r for r in rows(reference) if r["step"] > step]
+    assert [(r["step"], r.get("split")) for r in got] == [(r["step"], r.get("split")) for r in want]
+    assert [r.get("loss") for r in got] == pytest.approx([r.get("loss") for r in want], abs=1e-5)
+    assert [r.get("accuracy") for r in got] == [r.get("accuracy") for r in want]
+    last = checkpoints(resumed)[-1].name
+    assert last == checkpoints(reference)[-1].name == "step_00000006"
+    a, b = full_tensors(Path(resumed) / last), full_tensors(Path(reference) / last)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def _checked_load(check, saved):
+    """Wrap RunDir.load to check, right after it, what it restored against the saved checkpoint's files."""
+    real = rundir.RunDir.load
+
+    def load(self, model, opt, lora=None):
+        result = real(self, model, opt, lora)
+        if check == "rng":  # rank r restores the saved rank r's state; a new rank seeds from (--seed, step, rank)
+            files = sorted(Path(saved).glob("rank*.pt"))
+            if self.rank < len(files):
+                expected = torch.load(files[self.rank], weights_only=True)["rng"]
+            else:
+                seed = rundir.random.Random(f"{self.args.seed}:2:{self.rank}").getrandbits(63)  # step 2
+                expected = torch.Generator().manual_seed(seed).get_state()
+            assert torch.equal(torch.get_rng_state(), expected)
+        if check == "adamw":  # every master and moment row of the 1-rank file, in this rank's FSDP2 DTensors
+            full = torch.load(Path(saved) / "rank0.pt", weights_only=True)["state"]
+            masters = dict(zip(map(id, opt.base.model_params), [m for g in opt.base.param_groups for m in g["params"]]))
+            mine = train.shard.local_rows(model)
+            for name, p in train.shard.named_params(model).items():
+                start, stop = mine[name]
+                master, state = masters[id(p)], opt.base.state[masters[id(p)]]
+                assert master.dtype == torch.float32 and p.dtype == torch.bfloat16
+                for key, value in (("master", master), ("exp_avg", state["exp_avg"]),
+                                   ("exp_avg_sq", state["exp_avg_sq"])):
+                    assert type(value).__name__ == "DTensor", (name, key)
+                    assert torch.equal(value.to_local(), full[name][key][start:stop]), (name, key)
+                assert torch.equal(state["step"], full[name]["step"])
+        return result
+    return load
+
+
+def _reshard_worker(rank, world, runs):
+    """train.main for each (argv, check, saved) in turn: one set of processes for every run of a world size."""
+    for argv, check, saved in runs:
+        with pytest.MonkeyPatch.context() as patch:
+            if check:
+                patch.setattr(rundir.RunDir, "load", _checked_load(check, saved))
+            train.main(argv)
+
+
+@pytest.fixture(scope="module")
+def resharded(tokenizer, tmp_path_factory):
+    """Runs saved on one layout and resumed at step 2 on another, and the uninterrupted runs of each new layout:
+        tied AdaLomo:  1 -> 2 ranks, 2 -> 1, own -> fsdp2 (2 ranks)
+        LoRA + LOMO:   2 ranks (own, linear units) -> 3 ranks (own, block units)
+        bf16 AdamW:    1 -> fsdp2 (2 ranks), its fp32 masters and moments checked right after the load."""
+    import checkpoint
+    import model
+    from tokenizer import open_tokenizer
+    root = tmp_path_factory.mktemp("resharded")
+    margs = dataclasses.replace(model.ModelArgs.from_name("tiny"), vocab_size=open_tokenizer(tokenizer).n_words,
+                                tie_embeddings=True)
+    net = model.Transformer(margs)
+    model.init_weights(net, seed=5)
+    checkpoint.save_model(net, root / "tied", format="hf")
+    common = LAYOUT + ["--tokenizer", tokenizer]
+    tied = common + TIED + ["--ckpt", str(root / "tied")]
+    argv = lambda flags, world, name, *more: flags + ["--batch-size", PER_RANK[world],  # noqa: E731
+                                                     "--save-dir", str(root / name), *more]
+    resume = lambda name: ["--resume", str(root / name / "step_00000002")]  # noqa: E731
+    train.main(argv(tied, 1, "tied-1"))
+    train.main(argv(common + ADAMW_BF16, 1, "adamw-1"))
+    run_workers(_reshard_worker, [
+        (argv(tied, 2, "tied-2"), None, None),
+        (argv(tied, 2, "tied-1to2", *resume("tied-1")), "rng", root / "tied-1" / "step_00000002"),
+        (argv(tied + ["--sharding", "fsdp2"], 2, "tied-fsdp2"), None, None),
+        (argv(tied + ["--sharding", "fsdp2"], 2, "tied-own-to-fsdp2", *resume("tied-2")), None, None),
+        (argv(common + LORA_LOMO + ["--shard-unit", "linear"], 2, "lora-2"), None, None),
+        (argv(common + ADAMW_BF16 + ["--sharding", "fsdp2"], 2, "adamw-1to2", *resume("adamw-1")), "adamw",
+         root / "adamw-1" / "step_00000002")], world_size=2)
+    exact = ["--tokenizer", tokenizer, "--train-samples", "10", "--epochs", "2", "--batch-size", "2",
+             "--eval-samples", "3", "--max-len", "48", "--optimizer", "adalomo", "--lr", "0.01", "--save-every", "2",
+             "--keep-last", "5"]  # for test_three_ranks_resume_exactly
+    run_workers(_reshard_worker, [
+        (exact + ["--save-dir", str(root / "full-3")], None, None),
+        (exact + ["--save-dir", str(root / "resumed-3"), "--resume", str(root / "full-3" / "step_00000002")], None,
+         None),
+        (argv(common + LORA_LOMO, 3, "lora-3"), None, None),
+        (argv(common + LORA_LOMO, 3, "lora-2to3", *resume("lora-2")), "rng", root / "lora-2" / "step_00000002")],
+        world_size=3)
+    train.main(argv(tied, 1, "tied-2to1", *resume("tied-2")))
+    train.main(tied + ["--epochs", "0", "--resume", str(root / "tied-2" / "step_00000006"), "--export",
+                       str(root / "tied-2-export"), "--save-dir", str(root / "tied-2-export-run")])
+    return root
+
+
+def test_three_ranks_resume_exactly(resharded):
+    """3 ranks, uneven row shards (dim 64 and vocab 320 over 3) and an uneven last batch (10 examples, 6 a step),
+    resumed on the same layout: bit-exact (run in the resharded fixture's processes)."""
+    full, resumed = resharded / "full-3", resharded / "resumed-3"
     assert [r.get("loss") for r in rows(resumed)] == [r.get("loss") for r in rows(full)[-len(rows(resumed)):]]
     assert [r["step"] for r in rows(resumed) if "loss" in r] == [3, 4]
     for r in range(3):
         a, b = (torch.load(f / "step_00000004" / f"rank{r}.pt", weights_only=False) for f in (full, resumed))
         assert a["rows"] == b["rows"] and a["model"].keys() == b["model"].keys()
         assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"]), r
+
+
+def test_resume_from_1_rank_on_2_with_adalomo_and_a_tied_model(resharded):
+    assert_continues(resharded / "tied-1to2", resharded / "tied-2")
+
+
+def test_resume_from_2_ranks_on_1(resharded):
+    assert_continues(resharded / "tied-2to1", resharded / "tied-1")
+
+
+def test_resume_from_own_sharding_on_fsdp2(resharded):
+    assert_continues(resharded / "tied-own-to-fsdp2", resharded / "tied-fsdp2")
+
+
+def test_resume_lora_lomo_from_2_ranks_on_3_and_from_linear_to_block_units(resharded):
+    assert_continues(resharded / "lora-2to3", resharded / "lora-3")
+    a, b = (torch.load(checkpoints(resharded / run)[-1] / rundir.LORA, weights_only=True)
+            for run in ("lora-2to3", "lora-3"))
+    for name in a["adapters"]:
+        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], atol=1e-5, rtol=0, msg=name)
+    for i, state in b["optimizer"]["state"].items():  # the adapters' AdamW moments
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_of_2_ranks_exports_from_1(resharded):
+    """--epochs 0 --resume on another layout: a multi-GPU run's checkpoint evaluated and exported on one machine."""
+    import checkpoint
+    exported = checkpoint.load_model(resharded / "tied-2-export").state_dict()
+    saved = full_tensors(resharded / "tied-2" / "step_00000006")
+    assert sorted(exported) == sorted(saved)
+    for name, value in saved.items():
+        assert torch.equal(exported[name], value), name
+    assert rows(resharded / "tied-2-export-run") == [r for r in rows(resharded / "tied-2") if r.get("split")][-1:]
+
+
+def test_a_resharded_checkpoint_keeps_adalomo_state_by_rows(resharded):
+    """AdaLomo's row statistics and vector moments, saved by 2 ranks (own) and by FSDP2, put together by rows, equal
+    the 1-rank run's; the column statistics are whole in every rank's file."""
+    one = full_tensors(resharded / "tied-1" / "step_00000006", "state")
+    assert any(key == "row" for _, key in one) and any(key == "sq" for _, key in one)
+    for run in ("tied-2", "tied-fsdp2", "tied-1to2"):
+        other = full_tensors(resharded / run / "step_00000006", "state")
+        assert other.keys() == one.keys()
+        for item in one:
+            torch.testing.assert_close(other[item], one[item], atol=0, rtol=1e-4, msg=f"{run} {item}")
+        files = sorted((resharded / run / "step_00000006").glob("rank*.pt"))
+        cols = [torch.load(f, weights_only=True)["state"]["layers.0.attention.wq.weight"]["col"] for f in files]
+        assert len(cols) == 2 and cols[0].shape == (64,) and torch.equal(cols[0], cols[1])

@@ -354,15 +354,25 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoints(tokenizer, tmp_path):
     run(flags + ["--save-dir", str(tmp_path / "a")])
     ckpt = next((tmp_path / "a").glob("step_*"))
     meta = json.loads((ckpt / "meta.json").read_text())
-    (ckpt / "meta.json").write_text(json.dumps({**meta, "world_size": 2, "sharding": "own", "shard_unit": "block"}))
+    (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))  # as before
     before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
-    with pytest.raises(SystemExit, match="saved by 2 rank"):
+    with pytest.raises(SystemExit, match="written by an earlier train.py .checkpoint format 1; this one reads "
+                       "format 2.: resume it with the train.py that wrote it; the checkpoint is left untouched"):
         train.main(flags + ["--save-dir", str(tmp_path / "b"), "--resume", str(ckpt)])
     assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before  # left untouched
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    (ckpt / "rank0.pt").write_bytes(before["rank0.pt"][:100])
-    with pytest.raises(SystemExit, match="corrupt"):
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))  # saved by 2 ranks: one file lost
+    with pytest.raises(SystemExit, match="cannot read rank1.pt .*No such file.*; the checkpoint is corrupt"):
         train.main(flags + ["--save-dir", str(tmp_path / "c"), "--resume", str(ckpt)])
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    margs = model.ModelArgs(**{**model.ModelArgs.from_name("tiny").__dict__, "vocab_size": 336})
+    checkpoint.save_model(model.Transformer(margs), tmp_path / "padded")  # 336 embedding rows, not 320
+    with pytest.raises(SystemExit, match=r"holds a different model than --model / --ckpt describe \(first "
+                       r"differences: \['output.weight', 'tok_embeddings.weight'\]\)"):
+        train.main(flags + ["--ckpt", str(tmp_path / "padded"), "--save-dir", str(tmp_path / "d"),
+                            "--resume", str(ckpt)])
+    (ckpt / "rank0.pt").write_bytes(before["rank0.pt"][:100])
+    with pytest.raises(SystemExit, match="cannot read rank0.pt .*; the checkpoint is corrupt"):
+        train.main(flags + ["--save-dir", str(tmp_path / "e"), "--resume", str(ckpt)])
 
 
 def test_clip_grad_norm_scope_reaches_the_optimizer():
