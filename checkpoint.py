@@ -269,8 +269,8 @@ class _Writer:
     """Writes into a temporary folder next to out_dir and renames it at close(), so that out_dir is either
     absent or complete. Use as a context manager: on an exception the temporary folder is removed."""
 
-    def __init__(self, out_dir, args: ModelArgs):
-        self.out_dir, self.args = Path(out_dir), args
+    def __init__(self, out_dir, args: ModelArgs, extra_files=()):
+        self.out_dir, self.args, self.extra_files = Path(out_dir), args, list(extra_files)
         _refuse_non_empty(self.out_dir)
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -294,6 +294,8 @@ class _Writer:
         if missing:
             raise ValueError(f"{self.out_dir}: not written, tensors missing: {_listed(missing)}")
         self._finish()
+        for file in self.extra_files:  # e.g. the tokenizer's files, so that the folder is complete
+            shutil.copy(file, self.tmp / Path(file).name)
         _refuse_non_empty(self.out_dir)
         if self.out_dir.exists():
             self.out_dir.rmdir()
@@ -316,10 +318,10 @@ class MetaWriter(_Writer):
     consolidated files. A tied model is written as Meta's Llama 3.2 files are: output.weight holds a copy of the
     embedding, since Meta's code loads it (strictly) into an output layer of its own."""
 
-    def __init__(self, out_dir, args: ModelArgs, n_shards: int = 1):
+    def __init__(self, out_dir, args: ModelArgs, n_shards: int = 1, extra_files=()):
         check_shardable(args, n_shards, f"MetaWriter({out_dir})")
         self.n_shards, self.params = n_shards, meta_params(args)
-        super().__init__(out_dir, args)
+        super().__init__(out_dir, args, extra_files)
 
     def _write_unit(self, tensors):
         if self.args.tie_embeddings and "tok_embeddings.weight" in tensors:
@@ -348,9 +350,10 @@ class HFWriter(_Writer):
     """Hugging Face LlamaForCausalLM format: one safetensors file per unit, index and config.json at close().
     A tied model has no lm_head.weight, as transformers saves it."""
 
-    def __init__(self, out_dir, args: ModelArgs):
-        super().__init__(out_dir, args)
+    def __init__(self, out_dir, args: ModelArgs, extra_files=(), token_ids=None):
+        super().__init__(out_dir, args, extra_files)
         self._weight_map, self._total_size, self._dtype = {}, 0, None
+        self.token_ids = token_ids or {}  # {"bos_token_id": ..., "eos_token_id": ...}: the tokenizer's
 
     def _write_unit(self, tensors):
         from safetensors.torch import save_file
@@ -368,7 +371,7 @@ class HFWriter(_Writer):
     def _finish(self):
         index = {"metadata": {"total_size": self._total_size}, "weight_map": self._weight_map}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = hf_config(self.args, str(self._dtype).removeprefix("torch."))
+        config = {**hf_config(self.args, str(self._dtype).removeprefix("torch.")), **self.token_ids}
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -359,7 +359,7 @@ class RunDir:
         return head["step"], tuple(head["position"])
 
 
-def export(args, model, margs, rank, world, lora=None) -> None:
+def export(args, model, margs, rank, world, lora=None, tok=None) -> None:
     """Stream the model out unit by unit through checkpoint.py's writers; only rank 0 writes. LoRA's adapters are
     merged into their weights (W + (alpha / r) B A): the export is a plain LLaMA. A write error (a full disk) on
     rank 0 stops the writing but not the gathering, so that no rank waits in a collective; then every rank exits
@@ -368,7 +368,11 @@ def export(args, model, margs, rank, world, lora=None) -> None:
     units = [[n for n in names if not n.startswith("layers.") and n != "tok_embeddings.weight"]]
     units = [["tok_embeddings.weight"]] + [[n for n in names if n.startswith(f"layers.{i}.")]
                                            for i in range(margs.n_layers)] + units
-    writer = (MetaWriter if args.export_format == "meta" else HFWriter)(args.export, margs) if rank == 0 else None
+    writer = None
+    if rank == 0:  # the tokenizer's files go beside the weights (not the demo's: it lived in a temporary folder)
+        files = [f for f in getattr(tok, "files", []) if os.path.isfile(f)]
+        writer = MetaWriter(args.export, margs, extra_files=files) if args.export_format == "meta" else HFWriter(
+            args.export, margs, files, tok and {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
     failure, nbytes = None, plan.sizes(margs)["total"] * (4 if args.dtype == "fp32" else 2)
     try:
         for tensors in shard.full_units(model, units):

@@ -31,6 +31,7 @@ class SentencePieceTokenizer:
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{model_path} is not a sentencepiece model ({e}); "
                              "pass LLaMA's tokenizer.model or one made by train_tokenizer()") from None
+        self.files = [model_path]  # what defines it: an export copies them beside the weights
         self.n_words = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
@@ -61,7 +62,10 @@ class HFTokenizer:
         except Exception as e:  # the library raises a bare Exception for files it cannot parse
             raise ValueError(f"{path} is not a tokenizer.json that the `tokenizers` library reads ({e})") from None
         self.n_words = self.tk.get_vocab_size(with_added_tokens=True)
-        special = _special_tokens(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(os.path.abspath(path))
+        self.files = [path] + [os.path.join(folder, name) for name in CONFIG_FILES  # what defines it (see above)
+                               if os.path.isfile(os.path.join(folder, name))]
+        special = _special_tokens(folder)
         self.bos_id, self.eos_id = self._id(special, "bos_token", path), self._id(special, "eos_token", path)
         if special.get("pad_token"):
             self.pad_id = self._id(special, "pad_token", path)
@@ -88,11 +92,14 @@ class HFTokenizer:
 Tokenizer = SentencePieceTokenizer | HFTokenizer  # what data.py's functions take
 
 
+CONFIG_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # beside a tokenizer.json
+
+
 def _special_tokens(folder: str) -> dict:
     """{"bos_token": text, ...} from tokenizer_config.json, completed by special_tokens_map.json; a token may be
     written as {"content": text, ...}."""
     special = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+    for name in CONFIG_FILES:  # the second wins
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             try:

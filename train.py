@@ -365,7 +365,7 @@ def run(args, rank, world, device):
         print(f"no {' or '.join(missing)} in --data-dir {args.data_dir}: a full leaderboard submission needs "
               "their predictions too")
     if args.export:
-        rundir.export(args, model, margs, rank, world, lora)
+        rundir.export(args, model, margs, rank, world, lora, tok)
         written["export"] = args.export
     if rank == 0:
         trained = ""

@@ -155,3 +155,26 @@ def test_train_finds_the_tokenizer_in_the_checkpoint_folder(tmp_path):
     os.remove(tmp_path / "ckpt" / "tokenizer.json")
     with pytest.raises(SystemExit, match="--ckpt .* holds no tokenizer.model or tokenizer.json"):
         train.main(flags + ["--ckpt", str(tmp_path / "ckpt"), "--epochs", "0"])
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_export_carries_the_tokenizer_and_its_token_ids(tmp_path, fmt):
+    """An export is a complete folder: the tokenizer's files beside the weights (so that --ckpt EXPORT needs no
+    --tokenizer, and transformers reads both), and HF's config.json with the tokenizer's BOS / EOS ids."""
+    pytest.importorskip("tokenizers")
+    byte_level_bpe(tmp_path / "tok")
+    tok = open_tokenizer(str(tmp_path / "tok"))
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text('{"prompt": "Is the sky blue?\\nAnswer: ", "completion": "Yes"}\n')
+    flags = ["--task", "jsonl", "--data-dir", str(tmp_path), "--max-len", "32", "--batch-size", "1"]
+    train.main(flags + ["--tokenizer", str(tmp_path / "tok"), "--epochs", "1", "--save-dir", str(tmp_path / "a"),
+                        "--export", str(tmp_path / "export"), "--export-format", fmt])
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
+    if fmt == "hf":
+        config = json.loads((tmp_path / "export" / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+        transformers = pytest.importorskip("transformers")
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+        assert hf_tok("Answer: Yes", add_special_tokens=False)["input_ids"] == tok.encode("Answer: Yes", False, False)
+    metrics = train.main(flags + ["--ckpt", str(tmp_path / "export"), "--epochs", "0", "--save-dir", str(tmp_path / "b")])
+    assert set(metrics) == {"nll", "perplexity"}
