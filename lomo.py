@@ -522,11 +522,11 @@ class AdaLomo(_FusedOptimizer):
             stats = torch.zeros(2 * cols + 2, **f32)  # column sums of g^2 and of g^2 / R, sum(R), sum(W^2)
             col_sq, col_c = stats[:cols], stats[cols:2 * cols]
             row = beta * state["row"] + (1 - beta) * eps1  # R, whose gradient term is added chunk by chunk
-            row_scale = torch.full((cols,), (1 - beta) / cols, **f32) * coef2
+            row_scale = (1 - beta) * coef2 / cols
             chunk = _rows_per_chunk(g)
             for gc, r in zip(g.split(chunk), row.split(chunk)):  # read 1 of g
                 g2 = gc * gc if gc.dtype == torch.float32 else gc.float().square_()  # a chunk: stays in cache
-                r.addmv_(g2, row_scale)  # + (1 - beta) coef^2 mean_j g_ij^2
+                r.add_(g2.sum(1).mul_(row_scale))  # + (1 - beta) coef^2 mean_j g_ij^2
                 col_sq += g2.sum(0)
                 col_c.addmv_(g2.t(), r.reciprocal())  # sum_i g_ij^2 / R_i
             g_sq = col_sq.sum()
