@@ -58,10 +58,19 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst.copy_(rounded.view(torch.float32))
 
 
+CPU_CHUNK = 1 << 20  # elements per chunk of an fp32 tensor on the CPU: 4 MiB, which stays in its caches
+
+
+def _chunk_elements(t: torch.Tensor) -> int:
+    """Elements of `t` per chunk of an update, which bounds its fp32 temporaries. On the CPU, to sizes that stay
+    in cache: a 16-bit chunk is converted to fp32 in several temporaries at once, so it is a quarter of the size."""
+    if t.device.type != "cpu":
+        return 1 << 24
+    return CPU_CHUNK if t.dtype == torch.float32 else CPU_CHUNK // 4
+
+
 def _rows_per_chunk(t: torch.Tensor) -> int:
-    """Rows of `t` per chunk of an update: bounds its fp32 temporaries (on the CPU, to a size that stays in cache)."""
-    elements = (1 << 18) if t.device.type == "cpu" else (1 << 24)
-    return max(1, elements // max(1, math.prod(t.shape[1:])))
+    return max(1, _chunk_elements(t) // max(1, math.prod(t.shape[1:])))
 
 
 def _chunks(t: torch.Tensor, rows: int):
@@ -69,30 +78,42 @@ def _chunks(t: torch.Tensor, rows: int):
     return (t if t.dim() else t.unsqueeze(0)).split(rows)
 
 
-def _select_(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """t where the 0-dim bool `ok` is True, else +0.0, in place and without a host sync. An AND with an all-ones or
-    all-zeros bit mask, not a product: 0 * inf is NaN, but the mask turns inf and NaN into 0 as well. (On the CPU it
-    is also ten times faster than torch.where with a 0-dim condition, which is not vectorised.)"""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    t.view(ints).bitwise_and_(-ok.to(ints))
-    return t
+def _fp32_sum(t: torch.Tensor, squares=False) -> torch.Tensor:
+    """sum(t), or sum(t * t), accumulated in fp32 without an fp32 copy of a 16-bit `t`. The CPU's reductions
+    convert a 16-bit tensor to fp32 whole first, and its one-kernel norm loses digits on large tensors (2.7e-3
+    relative at 2.5e7 elements): there, chunk by chunk (a BLAS dot each for the squares)."""
+    if t.device.type != "cpu" or not (squares or t.dtype.itemsize == 2):
+        return torch.linalg.vector_norm(t, dtype=torch.float32).square() if squares else t.sum(dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32)
+    for c in t.reshape(-1).split(_chunk_elements(t)):
+        c = c.float()
+        total += torch.dot(c, c) if squares else c.sum()
+    return total
 
 
-def _apply_(p, t1, t2, decay, ok, stochastic):
+def _guard(ok, dtype, t2, decay):
+    """The operands of `_apply_` selected by the step's 0-dim bool flag `ok` (None: unguarded), with no host sync:
+    the bit mask that keeps t1 (all ones) or zeroes it, inf and NaN included (all zeros); t2, or 0; decay, or 1.
+    A selection, never a product with the flag: 0 * inf is NaN. (The CPU's torch.where with a 0-dim condition is
+    not vectorised: ten times slower than the AND.)"""
+    if ok is None:
+        return None, t2, decay
+    keep = -ok.to({2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize])
+    t2 = torch.where(ok, t2, 0.0) if torch.is_tensor(t2) else t2
+    return keep, t2, None if decay is None else torch.where(ok, decay, 1.0)
+
+
+def _apply_(p, t1, t2, decay, keep, stochastic):
     """p <- p * decay + t1 * t2, in place, computed in fp32 and rounded once into p's dtype.
 
-    decay: None (no decay), a number or a 0-dim tensor. t2: a float, or an fp32 tensor of one dimension or more,
-    so that type promotion computes in fp32 even for 16-bit p and t1: inside the kernel on CUDA, through
-    temporaries of this chunk's size on the CPU (whose add_ would round a float alpha to p's dtype: 1e-3 / 65536
-    is 0 in fp16). ok: None, or a 0-dim bool tensor on p's device; where it is False, p is left unchanged. t1 is
-    overwritten (it is a gradient chunk or a temporary).
+    t2: a float, or an fp32 tensor (one element, or a row of column factors), so that type promotion computes in
+    fp32 even for 16-bit p and t1: in the kernel on CUDA, through temporaries of this chunk's size on the CPU
+    (whose add_ rounds a float alpha to p's dtype: 1e-3 / 65536 is 0 in fp16). decay: None, a number or a
+    1-element tensor. keep: None, or the bit mask of `_guard`, ANDed into t1 (a gradient chunk or a temporary,
+    overwritten).
     """
-    if torch.is_tensor(t2) and t2.dim() == 0:
-        t2 = t2.reshape(1)
-    if ok is not None:  # select, never multiply by a mask: 0 * inf is NaN
-        t1 = _select_(t1, ok)
-        t2 = torch.where(ok, t2, 0) if torch.is_tensor(t2) else t2  # small: a scalar or a row of column factors
-        decay = None if decay is None else torch.where(ok, decay, 1.0)
+    if keep is not None:
+        t1.view(keep.dtype).bitwise_and_(keep)
     if decay is None and not (stochastic and p.dtype == torch.bfloat16):
         if isinstance(t2, float) and (p.dtype == torch.float32 or p.device.type != "cpu"):
             p.add_(t1, alpha=t2)  # one kernel; CUDA keeps alpha in fp32 for 16-bit p
@@ -105,11 +126,6 @@ def _apply_(p, t1, t2, decay, ok, stochastic):
     w.add_(t1, alpha=t2) if isinstance(t2, float) else w.addcmul_(t1, t2)
     if w is not p:
         stochastic_round_(p, w) if stochastic and p.dtype == torch.bfloat16 else p.copy_(w)
-
-
-def _sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of `g` with fp32 accumulation, without an fp32 copy of a 16-bit `g`."""
-    return torch.linalg.vector_norm(g, dtype=torch.float32).square()
 
 
 def _remove_all(handles):
@@ -384,15 +400,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             return
         g, coef = _local(grad), self._coef
         if self.clip_grad_value is not None:  # clamp the true (unscaled) gradient, in place
-            self._ok.logical_and_(torch.isfinite(g.sum(dtype=torch.float32)))  # first: clamping turns inf finite
+            self._ok.logical_and_(torch.isfinite(_fp32_sum(g)))  # first: clamping turns inf finite
             bound = min(self.clip_grad_value * (self.loss_scale or 1.0), torch.finfo(g.dtype).max)
             g = g.clamp_(-bound, bound)
         if self._phase == "check":
-            self._sq.add_(_sq_norm(g))
+            self._sq.add_(_fp32_sum(g, squares=True))
             return
         sq = None
         if self.clip_grad_norm is not None and self.clip_grad_norm_scope == "tensor":
-            sq = _sq_norm(g)  # this rank's rows; the clip uses the whole tensor's norm (one all-reduce if sharded)
+            sq = _fp32_sum(g, squares=True)  # this rank's rows; the clip uses the whole tensor's norm (one all-reduce if sharded)
             whole = self._all_reduce(sq.reshape(1).clone())[0] if self.process_group is not None else sq
             norm = whole.sqrt() * coef
             self._record(sq, torch.isfinite(norm))
@@ -448,13 +464,15 @@ class LOMO(_FusedOptimizer):
 
     def _update(self, param, p, g, coef, group, sq):
         if self._guarded and sq is None:  # one read of g: a sum is non-finite if any element is
-            self._record(None, torch.isfinite(g.sum(dtype=torch.float32)))
+            self._record(None, torch.isfinite(_fp32_sum(g)))
         lr, weight_decay = group["lr"], group["weight_decay"]
-        alpha = -lr * coef  # a float, or a 0-dim tensor with tensor-scope clipping
-        decay = 1 - lr * weight_decay if weight_decay else None
-        rows, ok = _rows_per_chunk(p), self._ok if self._guarded else None
+        alpha = -lr * coef  # a float, or (tensor-scope clipping) a 0-dim tensor: made 1-dim for type promotion
+        alpha = alpha.reshape(1) if torch.is_tensor(alpha) else alpha
+        keep, alpha, decay = _guard(self._ok if self._guarded else None, g.dtype, alpha,
+                                    1 - lr * weight_decay if weight_decay else None)
+        rows = _rows_per_chunk(p)
         for pc, gc in zip(_chunks(p, rows), _chunks(g, rows)):
-            _apply_(pc, gc, alpha, decay, ok, self.stochastic_rounding)
+            _apply_(pc, gc, alpha, decay, keep, self.stochastic_rounding)
 
 
 class AdaLomo(_FusedOptimizer):
@@ -498,24 +516,25 @@ class AdaLomo(_FusedOptimizer):
         state, coef2, f32 = self.state[param], coef * coef, dict(dtype=torch.float32, device=g.device)
         if p.dim() >= 2:  # factored: g as (rows, cols); statistics of the true gradient coef * g
             n_rows, cols = p.shape[0], math.prod(p.shape[1:])
-            g, p = g.reshape(n_rows, cols), (p if p.dim() == 2 else p.view(n_rows, cols))
+            g, p = g.reshape(n_rows, cols), p.view(n_rows, cols)
             if not state:
                 state["row"], state["col"] = torch.zeros(n_rows, **f32), torch.zeros(cols, **f32)
-            row, col_sq, col_c = torch.empty(n_rows, **f32), torch.zeros(cols, **f32), torch.zeros(cols, **f32)
-            w_sq, g_sq, chunk = torch.zeros((), **f32), torch.zeros((), **f32), _rows_per_chunk(g)
-            for start, gc, pc in zip(range(0, n_rows, chunk), g.split(chunk), p.split(chunk)):  # read 1 of g
-                row_sq = torch.linalg.vector_norm(gc, dim=1, dtype=torch.float32).square_()
-                r = row[start:start + gc.shape[0]]
-                r.copy_(beta * state["row"][start:start + gc.shape[0]] + (1 - beta) * (coef2 * row_sq / cols + eps1))
-                col_sq += torch.linalg.vector_norm(gc, dim=0, dtype=torch.float32).square_()
-                col_c += torch.linalg.vector_norm(gc * r.rsqrt()[:, None], dim=0).square_()
-                w_sq += _sq_norm(pc)
-                g_sq += row_sq.sum()
-            stats = self._all_reduce(torch.cat([col_sq, col_c, row.sum().reshape(1), w_sq.reshape(1)]))
-            col = beta * state["col"] + (1 - beta) * (coef2 * stats[:cols] / rows + eps1)
+            stats = torch.zeros(2 * cols + 2, **f32)  # column sums of g^2 and of g^2 / R, sum(R), sum(W^2)
+            col_sq, col_c = stats[:cols], stats[cols:2 * cols]
+            row = beta * state["row"] + (1 - beta) * eps1  # R, whose gradient term is added chunk by chunk
+            row_scale = (1 - beta) * coef2 / cols
+            chunk = _rows_per_chunk(g)
+            for gc, r in zip(g.split(chunk), row.split(chunk)):  # read 1 of g
+                g2 = gc * gc if gc.dtype == torch.float32 else gc.float().square_()  # a chunk: stays in cache
+                r.add_(g2.sum(1).mul_(row_scale))  # + (1 - beta) coef^2 mean_j g_ij^2
+                col_sq += g2.sum(0)
+                col_c.addmv_(g2.t(), r.reciprocal())  # sum_i g_ij^2 / R_i
+            g_sq = col_sq.sum()
+            stats[-2], stats[-1] = row.sum(), _fp32_sum(p, squares=True)
+            self._all_reduce(stats)
+            col = beta * state["col"] + (1 - beta) * (coef2 * col_sq / rows + eps1)
             row_mean = stats[-2] / rows
-            sum_u2 = coef2 * row_mean * (stats[cols:2 * cols] / col).sum()
-            w_sq, new_state = stats[-1], {"row": row, "col": col}
+            sum_u2, w_sq, new_state = coef2 * row_mean * (col_c / col).sum(), stats[-1], {"row": row, "col": col}
         else:  # a vector: an unfactored second moment; small, in one piece
             g, p = g.reshape(-1), p.view(-1)
             if not state:
@@ -524,7 +543,7 @@ class AdaLomo(_FusedOptimizer):
             v = beta * state["sq"] + (1 - beta) * (coef2 * gf * gf + eps1)
             t = gf * v.rsqrt()  # u / coef
             g_sq = gf.square().sum()
-            stats = self._all_reduce(torch.stack([coef2 * t.square().sum(), _sq_norm(p)]))
+            stats = self._all_reduce(torch.stack([coef2 * t.square().sum(), _fp32_sum(p, squares=True)]))
             sum_u2, w_sq, new_state = stats[0], stats[1], {"sq": v}
         finite = torch.isfinite(sum_u2) & torch.isfinite(w_sq)
         self._record(g_sq, finite) if sq is None else self._ok.logical_and_(finite)  # sq: already recorded
@@ -533,10 +552,12 @@ class AdaLomo(_FusedOptimizer):
         decay = 1 - step * group["weight_decay"] if group["weight_decay"] else None
         ok = self._ok if self._guarded else None  # the flag that selects the update, if one is needed
         if p.dim() == 2:
-            a, b = factor * (row_mean / row).sqrt(), col.rsqrt()[None, :]  # u * factor = (g * a_i) * b_j
+            a = (factor * (row_mean / row).sqrt())[:, None]  # u * factor = (g * a_i) * b_j
+            keep, b, decay = _guard(ok, torch.float32, col.rsqrt(), decay)
             for gc, pc, ac in zip(g.split(chunk), p.split(chunk), a.split(chunk)):  # read 2 of g
-                _apply_(pc, gc * ac[:, None], b, decay, ok, self.stochastic_rounding)
+                _apply_(pc, gc * ac, b, decay, keep, self.stochastic_rounding)
         else:
-            _apply_(p, t, factor, decay, ok, self.stochastic_rounding)
+            keep, factor, decay = _guard(ok, torch.float32, factor.reshape(1), decay)
+            _apply_(p, t, factor, decay, keep, self.stochastic_rounding)
         for key, value in new_state.items():  # the moments advance only with the parameter
             state[key] = value if ok is None else torch.where(ok, value, state[key])
