@@ -265,9 +265,19 @@ def _refuse_non_empty(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new output folder")
 
 
+def fsync_path(path) -> None:
+    """Make a file's bytes, or a folder's names (a rename, a new file), durable on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Writer:
     """Writes into a temporary folder next to out_dir and renames it at close(), so that out_dir is either
-    absent or complete. Use as a context manager: on an exception the temporary folder is removed."""
+    absent or complete, even after a power loss: every file is fsynced before the rename. Use as a context
+    manager: on an exception the temporary folder is removed."""
 
     def __init__(self, out_dir, args: ModelArgs, extra_files=()):
         self.out_dir, self.args, self.extra_files = Path(out_dir), args, list(extra_files)
@@ -296,10 +306,13 @@ class _Writer:
         self._finish()
         for file in self.extra_files:  # e.g. the tokenizer's files, so that the folder is complete
             shutil.copy(file, self.tmp / Path(file).name)
+        for file in [*self.tmp.iterdir(), self.tmp]:
+            fsync_path(file)
         _refuse_non_empty(self.out_dir)
         if self.out_dir.exists():
             self.out_dir.rmdir()
         os.replace(self.tmp, self.out_dir)
+        fsync_path(self.out_dir.parent)
 
     def __enter__(self):
         return self

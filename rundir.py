@@ -28,7 +28,7 @@ import plan
 import reshard
 import shard
 import superglue
-from checkpoint import HFWriter, MetaWriter
+from checkpoint import HFWriter, MetaWriter, fsync_path
 from model import param_shapes
 
 META, METRICS, LORA = "meta.json", "metrics.jsonl", "lora.pt"
@@ -70,15 +70,6 @@ def write_durably(path: Path, write) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the names in a folder (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -311,9 +302,9 @@ class RunDir:
                              f"removed and {kept}; make room or pass another --save-dir"
                              + (f", then --resume {last[-1]}" if last else ""))
         if self.rank == 0:
-            fsync_dir(tmp)
+            fsync_path(tmp)
             os.replace(tmp, final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
             for old in checkpoints(self.root)[:-self.args.keep_last]:
                 shutil.rmtree(old)
         if self.world > 1:

@@ -2,6 +2,7 @@
 convert_llama_weights_to_hf.py lay them out."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -436,3 +437,19 @@ def test_writers_never_overwrite_or_leave_partial_output(tmp_path):
         with C.HFWriter(tmp_path / "bad", model.args) as writer:
             writer.write({"norm.weight": torch.ones(3)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_written_files_are_fsynced_before_the_rename(tmp_path, monkeypatch, fmt):
+    """A power loss after the rename must not leave empty files under the final name: every file, and the folder
+    that holds them, reaches the disk before the rename, and the parent's new name after it."""
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    renamed = []
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(len(synced)), real_replace(a, b)))
+    out = tmp_path / "export"
+    C.save_model(random_model(tiny()), out, fmt)
+    before_rename = {os.path.basename(p) for p in synced[:renamed[0]]}
+    files = {p.name for p in out.iterdir()}
+    assert files and files <= before_rename, f"not fsynced before the rename: {files - before_rename}"
+    assert str(tmp_path) in synced[renamed[0]:], "the parent folder is not fsynced after the rename"
