@@ -141,7 +141,8 @@ class Optimizers:
         the adapters' are not clipped), or, for --optimizer lora, on the adapters'."""
         if self.fused:
             info = self.base.fused_backward(loss)
-            row = {"skipped": info.skipped, "grad_norm": info.grad_norm, "loss_scale": info.loss_scale}
+            row = {"skipped": info.skipped, "skip_reason": info.reason, "grad_norm": info.grad_norm,
+                   "loss_scale": info.loss_scale}
             if self.adapters:
                 row["skipped"] = self._step_adapters(info.skipped, info.loss_scale, clip=False)["skipped"]
             return row

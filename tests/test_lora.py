@@ -227,6 +227,19 @@ def test_a_nonfinite_adapter_gradient_skips_the_adapters_step():
     assert all(torch.equal(p, q) and p.grad is None for p, q in zip(lora.parameters(), before))
 
 
+def test_a_skipped_fused_step_says_why_in_its_metrics_row():
+    """metrics.jsonl's row of a skipped LOMO step carries StepInfo.reason: a partial update is not a clean skip."""
+    net = tiny()
+    opt = Optimizers(train.parse_args(["--optimizer", "lomo"]), net, None, world=1, total_steps=10)
+    tokens, labels = batch()
+    loss = model.cross_entropy(net(tokens), labels)
+    poison = net.layers[0].attention.wq.weight.register_hook(lambda g: g * math.inf)
+    row = opt.update(loss, True)
+    assert row["skipped"] and row["skip_reason"].startswith("non-finite gradient: updates stopped part-way")
+    poison.remove()
+    assert opt.update(model.cross_entropy(net(tokens), labels), True)["skip_reason"] is None  # not logged
+
+
 # ------------------------------------------------------------------------------------------ token-loss clipping
 
 def test_token_loss_clipping_equals_a_hand_written_masked_mean():
