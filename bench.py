@@ -302,7 +302,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step (per rank with --sharded)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 512 on GPU, 64 on CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps, during which memory is measured")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps, during which memory is measured (the "
+                   "second holds the optimizer state that the first made)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}; "
                    f"and candidate scoring: {', '.join(EVAL_METHODS)} (this project's; transformers', if installed)")

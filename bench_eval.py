@@ -106,7 +106,8 @@ def scorer(method, margs, dtype, device, encoded, batch_size, pad_id):
 
 @torch.no_grad()
 def run_evals(methods, args, device) -> list:
-    """Each scorer scores every candidate `warmup` times (its peak memory measured), then the scorers take turns
+    """Each scorer scores every candidate once (its peak memory measured: scoring keeps no state from one pass to
+    the next, so one warm-up pass is enough), then the scorers take turns
     for `steps` timed passes each, so that a change in the machine's load affects them alike. tokens/s counts
     the candidates' tokens, not the padding, over the median pass; the spread is the slowest / fastest pass."""
     margs, dtype = model_args(args.model), DTYPES[args.dtype]
@@ -121,8 +122,7 @@ def run_evals(methods, args, device) -> list:
                          "requirements-test.txt)"})
             continue
         with peak_memory(device, list(model.parameters())) as mem:
-            for _ in range(max(1, args.warmup)):
-                score()
+            score()
         # on GPU the scorers built before are resident too; the CPU tracker counts only this one's tensors
         peak = mem["gib"] - (resident / GiB if device.type == "cuda" else 0)
         resident += sum(p.numel() * p.element_size() for p in model.parameters())
@@ -143,7 +143,7 @@ def run_evals(methods, args, device) -> list:
 
 def print_eval(rows, args, device):
     print(f"candidate scoring, model {args.model}: {sizes(model_args(args.model))['total'] / 1e6:.3g}M parameters, "
-          f"{args.dtype}, {args.eval_batch_size} sequences per batch, {args.warmup} warm-up + {args.steps} timed "
+          f"{args.dtype}, {args.eval_batch_size} sequences per batch, 1 warm-up + {args.steps} timed "
           f"passes over {rows[0]['candidates']}, on {device_name(device)}")
     print(f"peak memory: {memory_how(device)}; tokens/s: the candidates' tokens (not the padding) / the median "
           "pass; the scorers take turns; spread: slowest / fastest pass\n")
