@@ -1,13 +1,11 @@
 """LOMO and AdaLomo: optimizers whose update is fused into the backward pass.
 
 LOMO ("Full Parameter Fine-tuning for Large Language Models with Limited Resources", Lv et al. 2023,
-arXiv 2306.09782) trains with plain SGD, which has no optimizer state, and fuses the update into the backward
-pass (Sec. 3.2, Algorithm 1): each parameter is updated the moment its gradient is ready, and that gradient is
-freed at once. At most one parameter's gradient is alive at any time, instead of a full copy of the model.
-AdaLomo (Lv et al. 2023, arXiv 2310.10195) keeps the same fused update but adds an Adafactor-style factored
-second moment and grouped update normalisation (Sec. 3, Algorithm 1).
+arXiv 2306.09782) is plain SGD, which has no optimizer state, fused into the backward pass (Sec. 3.2,
+Algorithm 1): each parameter is updated the moment its gradient is ready, and that gradient is freed at once,
+so at most one parameter's gradient is alive at a time. AdaLomo (arXiv 2310.10195) adds an Adafactor-style
+factored second moment and grouped update normalisation (Sec. 3, Algorithm 1).
 
-Use:
     opt = LOMO(model.parameters(), lr=1e-2)
     info = opt.fused_backward(loss)    # backward + update; no .grad remains afterwards
     scheduler.step()                   # stock torch.optim.lr_scheduler classes work as usual
@@ -35,7 +33,7 @@ class StepInfo:
     skipped: bool                      # True: no parameter was updated (or, see `reason`, the update stopped)
     reason: Optional[str] = None       # why the step was skipped
     grad_norm: Optional[float] = None  # global L2 norm of the (unscaled, value-clipped) gradients before norm
-    #                                    clipping, when the step computed it (check pass, tensor-scope clipping, AdaLomo)
+    #                                    clipping, if computed (check pass, tensor-scope clipping, AdaLomo)
     loss_scale: Optional[float] = None  # the fp16 loss scale used for this step
 
 
@@ -44,13 +42,16 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Write fp32 `src` into bf16 `dst`, rounding stochastically so that E[dst] == src.
+def _require(valid, name, value, rule):  # argument checks
+    if not valid:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
-    bf16 is the top 16 bits of fp32. Adding uniform noise to the 16 low bits and truncating them rounds up with
-    probability equal to the dropped fraction, so updates smaller than half a bf16 ulp survive on average.
-    A NaN is copied as it is: the noise could carry into its sign, or drop the only set bits of its payload.
-    """
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Write fp32 `src` into bf16 `dst`, rounding stochastically so that E[dst] == src: bf16 is the top 16 bits
+    of fp32, and uniform noise added to the 16 low bits before truncating them rounds up with probability equal
+    to the dropped fraction, so updates below half a bf16 ulp survive on average. A NaN is copied as it is (the
+    noise could carry into its sign, or clear the only set bits of its payload)."""
     bits = src.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device)
     rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000); the bf16 cast below is then exact
@@ -62,8 +63,8 @@ CPU_CHUNK = 1 << 20  # elements per chunk of an fp32 tensor on the CPU: 4 MiB, w
 
 
 def _chunk_elements(t: torch.Tensor) -> int:
-    """Elements of `t` per chunk of an update, which bounds its fp32 temporaries. On the CPU, to sizes that stay
-    in cache: a 16-bit chunk is converted to fp32 in several temporaries at once, so it is a quarter of the size."""
+    """Elements of `t` per chunk of an update, which bounds its fp32 temporaries. On the CPU, sizes that stay in
+    cache; a quarter for 16-bit `t`, whose chunk is converted to fp32 in several temporaries at once."""
     if t.device.type != "cpu":
         return 1 << 24
     return CPU_CHUNK if t.dtype == torch.float32 else CPU_CHUNK // 4
@@ -106,12 +107,10 @@ def _guard(ok, dtype, t2, decay):
 def _apply_(p, t1, t2, decay, keep, stochastic):
     """p <- p * decay + t1 * t2, in place, computed in fp32 and rounded once into p's dtype.
 
-    t2: a float, or an fp32 tensor (one element, or a row of column factors), so that type promotion computes in
-    fp32 even for 16-bit p and t1: in the kernel on CUDA, through temporaries of this chunk's size on the CPU
-    (whose add_ rounds a float alpha to p's dtype: 1e-3 / 65536 is 0 in fp16). decay: None, a number or a
-    1-element tensor. keep: None, or the bit mask of `_guard`, ANDed into t1 (a gradient chunk or a temporary,
-    overwritten).
-    """
+    t2: a float, or an fp32 tensor (one element, or a row of column factors) so that type promotion computes in
+    fp32 for 16-bit p and t1 too: in the kernel on CUDA, through chunk-sized temporaries on the CPU (whose add_
+    rounds a float alpha to p's dtype: 1e-3 / 65536 is 0 in fp16). decay: None, a number or a 1-element tensor.
+    keep: None, or `_guard`'s bit mask, ANDed into t1 (a gradient chunk or a temporary, overwritten)."""
     if keep is not None:
         t1.view(keep.dtype).bitwise_and_(keep)
     if decay is None and not (stochastic and p.dtype == torch.bfloat16):
@@ -129,8 +128,10 @@ def _apply_(p, t1, t2, decay, keep, stochastic):
 
 
 def _remove_all(handles):
-    for handle in list(handles.values()):
+    """Remove an optimizer's hooks ({parameter: handle}) and its ownership of their parameters."""
+    for p, handle in list(handles.items()):
         handle.remove()
+        _OWNERS.pop(p, None)
     handles.clear()
 
 
@@ -146,47 +147,39 @@ class _FusedOptimizer(torch.optim.Optimizer):
     """The machinery shared by LOMO and AdaLomo: hooks, check pass, loss scaling, finiteness, state.
 
     A post-accumulate-grad hook on every trainable parameter does the work (LOMO Sec. 3.2): autograd calls it once
-    per backward pass, when the parameter's `.grad` is complete, with its own parameter and group (O(1) a call).
-    The newest optimizer built over a parameter owns it (an older one's hook on it is removed, so nothing is
-    updated twice); `remove_hooks()` detaches an optimizer.
+    per backward pass, when the parameter's `.grad` is complete. The newest optimizer built over a parameter owns
+    it: an older one's hook is removed, so nothing is updated twice. Passes over ONE forward graph:
+      - check pass (retain_graph=True), for global-scope `clip_grad_norm`, fp16 parameters (loss scaling) and
+        `check_finite=True`: each hook adds its gradient's squared norm and frees it. The host reads the sum (the
+        step's one sync); a non-finite one skips the whole step before any parameter changes.
+      - update pass: each hook updates its parameter (the subclass's `_update`) and frees the gradient.
+    Without a check pass, a device flag records whether the loss and every gradient so far were finite and selects
+    each update: updates stop at the first non-finite gradient, with no host sync per parameter. The flag is read
+    after the pass; earlier updates cannot be undone, and the step is reported as skipped.
 
-    Passes over ONE forward graph:
-      - check pass (retain_graph=True), for `clip_grad_norm` (global scope), fp16 parameters (loss scaling) and
-        `check_finite=True`: each hook adds its gradient's squared norm and frees it. The host reads the result
-        (the step's one sync); a non-finite one skips the whole step before any parameter changes.
-      - update pass: each hook updates its parameter and frees the gradient.
-    Without a check pass, a device flag records whether every gradient so far (and the loss) was finite, and each
-    update is selected by it, so updates stop at the first non-finite gradient with no host sync per parameter;
-    the flag is read once, after the pass. Earlier updates cannot be undone: the step is reported as skipped.
-
-    `process_group`: the parameters are dim-0 (row) shards of larger tensors spread over this group (ZeRO-3,
-    FSDP2). Whole-tensor quantities are reduced over it, and so are the step's flags (StepInfo is the same on every
-    rank). In single-pass mode a rank sees only its own rows: for LOMO to stop at the same parameter on every rank,
-    the sharding layer must make a non-finite gradient visible to every rank (shard.NonFiniteGuard). AdaLomo and
-    tensor-scope clipping reduce per-tensor statistics anyway, so they agree by themselves.
+    `process_group`: the parameters are dim-0 (row) shards of tensors spread over this group (ZeRO-3, FSDP2).
+    Whole-tensor quantities and the step's flags are reduced over it (StepInfo is equal on every rank). For LOMO's
+    single pass to stop at the same parameter on every rank, the sharding layer must make a non-finite gradient
+    visible to all (shard.NonFiniteGuard); AdaLomo and tensor-scope clipping reduce per-tensor statistics anyway.
     """
 
     def __init__(self, params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
                  loss_scale_window, stochastic_rounding, process_group, clip_grad_norm_scope):
+        lr, weight_decay = defaults["lr"], defaults["weight_decay"]
+        _require(lr is not None and lr > 0, "lr", lr, "> 0")
+        _require(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value}")
-        if clip_grad_norm_scope not in CLIP_SCOPES:
-            raise ValueError(f"clip_grad_norm_scope must be one of {CLIP_SCOPES}, got {clip_grad_norm_scope!r}")
-        if defaults["lr"] is None or not defaults["lr"] > 0:
-            raise ValueError(f"lr must be > 0, got {defaults['lr']}")
-        if defaults["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']}")
-        if not loss_scale > 0 or loss_scale_window < 1:
-            raise ValueError(f"loss_scale must be > 0 and loss_scale_window >= 1, got {loss_scale}, "
-                             f"{loss_scale_window}")
+            _require(value is None or value > 0, name, value, "> 0 or None")
+        _require(clip_grad_norm_scope in CLIP_SCOPES, "clip_grad_norm_scope", clip_grad_norm_scope,
+                 f"one of {CLIP_SCOPES}")
+        _require(loss_scale > 0, "loss_scale", loss_scale, "> 0")
+        _require(loss_scale_window >= 1, "loss_scale_window", loss_scale_window, ">= 1")
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.clip_grad_norm_scope, self.check_finite = clip_grad_norm_scope, check_finite
         self.stochastic_rounding, self.process_group = stochastic_rounding, process_group
         self.initial_loss_scale, self.loss_scale_window = float(loss_scale), loss_scale_window
         self.fp16, self.loss_scale = False, None  # set by add_param_group when an fp16 parameter arrives
-        self.steps = 0                 # update passes run so far
-        self._clean_steps = 0          # fp16 steps since the last overflow
+        self.steps, self._clean_steps = 0, 0  # update passes run so far; fp16 steps since the last overflow
         self._phase, self._seen = "idle", set()  # idle | check | update | discard; parameters hooked this pass
         self._handles, self._taken, self._removed, self._global_size = {}, 0, False, {}
         self._external = []            # parameters that another optimizer trains beside this one
@@ -196,26 +189,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @property
     def check_pass(self) -> bool:
         """Whether a step runs the check pass (see the class docstring)."""
-        return (self.clip_grad_norm is not None and self.clip_grad_norm_scope == "global") or self.check_finite \
-            or self.fp16
+        return self.check_finite or self.fp16 or (self.clip_grad_norm is not None
+                                                  and self.clip_grad_norm_scope == "global")
 
     def add_param_group(self, param_group):
         """Add a group (torch.optim API) and hook each of its trainable parameters."""
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1  # by index: load_state_dict() replaces the group dicts
-        group = self.param_groups[index]
-        for p in group["params"]:
+        params = self.param_groups[index]["params"]
+        for p in params:
             if not p.is_floating_point():
                 raise ValueError(f"params: got a {p.dtype} parameter; only floating-point parameters can be "
                                  "trained (pass only model.parameters() that are float)")
-            if p.dtype == torch.float16 and not self.fp16:  # fp16 anywhere: loss scaling and overflow checks
-                self.fp16, self.loss_scale = True, self.initial_loss_scale
-        for p in group["params"]:
+        if not self.fp16 and any(p.dtype == torch.float16 for p in params):  # loss scaling and overflow checks
+            self.fp16, self.loss_scale = True, self.initial_loss_scale
+        for p in params:
             if p.requires_grad:
                 self._hook(p, index)
         # Rows and elements of each whole tensor, summed over the shards of the group: one collective. Frozen
         # parameters too, in case they are unfrozen later.
-        params = group["params"]
         sizes = torch.tensor([[_local(p).shape[0] if p.dim() else 1, _local(p).numel()] for p in params],
                              dtype=torch.float64, device=_local(params[0]).device if params else "cpu")
         self._all_reduce(sizes)
@@ -235,17 +227,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def add_external_params(self, params):
         """Declare parameters that another optimizer trains beside this one, from the `.grad` that `fused_backward`
         leaves them: LoRA adapters stepped by AdamW after the pass in which LOMO updates every base weight (the
-        paper's LoRA + LOMO experiment). A check pass gives them a gradient too; it is dropped, so their `.grad` is the
-        update pass's alone (of the scaled loss, with fp16: divide by StepInfo.loss_scale), never the sum of two
-        passes. They must hold no `.grad` when a step starts, and take no part in this optimizer's norm, clipping
-        or finiteness checks."""
+        paper's LoRA + LOMO experiment). Their `.grad` is the update pass's alone (of the scaled loss with fp16:
+        divide by StepInfo.loss_scale); they must hold none when a step starts, and take no part in this
+        optimizer's norm, clipping or finiteness checks."""
         self._external.extend(params)
 
     def remove_hooks(self):
-        """Detach this optimizer from its parameters: a later backward pass leaves their `.grad` to the caller.
-        The optimizer cannot step again."""
-        for p in self._handles:
-            _OWNERS.pop(p, None)
+        """Detach from the parameters (a later backward leaves their `.grad` to the caller); no more steps."""
         _remove_all(self._handles)
         self._removed = True
 
@@ -280,8 +268,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                "gradients (optimizer.zero_grad()) after each step, before fused_backward")
 
     def step(self, closure=None):
-        """A no-op: the update already happened inside `fused_backward`, which calls this method so that the
-        stock learning-rate schedulers see an optimizer step and raise no warning."""
+        """A no-op: the update happened in `fused_backward`, which calls this so that lr schedulers see a step."""
         return None
 
     def _all_reduce(self, tensor):
@@ -302,60 +289,46 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._coef = 1.0 / scale  # what multiplies a gradient in the update: unscaling, then norm clipping
         info = StepInfo(skipped=False, loss_scale=self.loss_scale)
         # Device flags: the loss is finite on every rank; every gradient so far was finite. And the squared norm.
-        self._ok = torch.isfinite(loss.detach()).reshape(())
-        if self.process_group is not None:
-            bad = self._all_reduce((~self._ok).float().reshape(1))
-            self._ok = bad[0] == 0
-        loss_ok = self._ok.clone()
-        self._sq, self._norm_known = torch.zeros((), dtype=torch.float32, device=loss.device), True
+        loss_ok = self._all_reduce((~torch.isfinite(loss.detach())).float().reshape(1))[0] == 0
+        self._ok, self._norm_known = loss_ok.clone(), True
+        self._sq = torch.zeros((), dtype=torch.float32, device=loss.device)
         self._guarded = not self.check_pass
         if self.check_pass:
             self._backward("check", loss * scale, retain_graph=True)
-            for p in self._external:  # their gradient comes from the update pass alone
-                p.grad = None
             finite, bad, sq = self._read_back(loss_ok)
             info.grad_norm = math.sqrt(sq) * self._coef
-            if not finite or bad or not math.isfinite(info.grad_norm):
-                self._backward("discard", loss * scale)  # frees the retained graph at once
-                for p in self._external:
-                    p.grad = None
-                if not finite:
-                    info.skipped, info.reason = True, "non-finite loss"
-                    return self._finish(info)
-                if self.fp16:
-                    self.loss_scale, self._clean_steps = max(self.loss_scale / 2, 1.0), 0
-                info.skipped, info.reason = True, "non-finite gradient (overflow)"
-                return self._finish(info)
-            if self.clip_grad_norm is not None and self.clip_grad_norm_scope == "global":
+            bad = bad or not math.isfinite(info.grad_norm)
+            if finite and not bad and self.clip_grad_norm is not None and self.clip_grad_norm_scope == "global":
                 self._coef *= min(1.0, self.clip_grad_norm / (info.grad_norm + 1e-6))
-            self._backward("update", loss * scale)
+            self._backward("update" if finite and not bad else "discard", loss * scale)  # discard: frees the graph only
         else:
             self._backward("update", loss * scale)
             finite, bad, sq = self._read_back(loss_ok)
             info.grad_norm = math.sqrt(sq) / scale if finite and self._norm_known else None
-            if not finite:  # every update was masked
-                info.skipped, info.reason = True, "non-finite loss"
-                return self._finish(info)
+        if not finite:  # nothing changed (single pass: every update was deselected)
+            info.reason = "non-finite loss"
+        elif bad and self.check_pass:  # found by the check pass: nothing changed
+            info.reason = "non-finite gradient (overflow)"
+            if self.fp16:
+                self.loss_scale, self._clean_steps = max(self.loss_scale / 2, 1.0), 0
+        else:
+            self.steps += 1
             if bad:
-                info.skipped = True
                 info.reason = "non-finite gradient: updates stopped part-way (use check_finite=True)"
-        self.steps += 1
-        if self.fp16 and not info.skipped:
-            self._clean_steps += 1
-            if self._clean_steps == self.loss_scale_window:  # grow the scale back after a clean window
-                self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
-        return self._finish(info)
+            elif self.fp16:
+                self._clean_steps += 1
+                if self._clean_steps == self.loss_scale_window:  # grow the scale back after a clean window
+                    self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
+        info.skipped = info.reason is not None
+        self._ok = self._sq = None
+        self.step()
+        return info
 
     def _read_back(self, loss_ok):
         """(loss finite, some gradient non-finite, squared norm), over every rank: the step's one host sync."""
         flags = self._all_reduce(torch.stack([(~self._ok).float(), self._sq]))
         finite, bad, sq = torch.cat([loss_ok.float().reshape(1), flags]).tolist()
         return finite == 1, bad > 0, sq
-
-    def _finish(self, info):
-        self._ok = self._sq = None
-        self.step()
-        return info
 
     def _backward(self, phase, loss, retain_graph=False):
         self._phase, self._seen = phase, set()
@@ -365,17 +338,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if retain_graph and "donated buffer" in str(error):
                 raise RuntimeError(
                     "torch.compile: this model's compiled backward frees its buffers (donated buffers) and cannot "
-                    "run twice, but clip_grad_norm (global scope), fp16 loss scaling and check_finite need a second "
-                    "backward pass over the same graph. No parameter was changed. Set "
-                    "torch._functorch.config.donated_buffer = False before the model's first compiled step, or "
-                    "train without a check pass (e.g. clip_grad_norm_scope='tensor')") from error
+                    "run twice, but the check pass (global-scope clip_grad_norm, fp16 loss scaling, check_finite) "
+                    "needs a second backward over the same graph. No parameter was changed. Set torch._functorch."
+                    "config.donated_buffer = False before the model's first compiled step, or train without a check "
+                    "pass (e.g. clip_grad_norm_scope='tensor')") from error
             raise
         finally:
             self._phase, self._seen = "idle", set()
+        if phase != "update":  # add_external_params: their gradient comes from the update pass alone
+            for p in self._external:
+                p.grad = None
 
     def _record(self, sq, finite):
-        """Note a local gradient's squared norm (for StepInfo.grad_norm; None: not computed) and whether it was
-        finite."""
+        """Note a local gradient's squared norm (for StepInfo.grad_norm; None: not computed) and its finiteness."""
         if sq is None:
             self._norm_known = False
         else:
@@ -408,7 +383,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             return
         sq = None
         if self.clip_grad_norm is not None and self.clip_grad_norm_scope == "tensor":
-            sq = _fp32_sum(g, squares=True)  # this rank's rows; the clip uses the whole tensor's norm (one all-reduce if sharded)
+            sq = _fp32_sum(g, squares=True)  # this rank's rows; the clip uses the whole tensor's norm
             whole = self._all_reduce(sq.reshape(1).clone())[0] if self.process_group is not None else sq
             norm = whole.sqrt() * coef
             self._record(sq, torch.isfinite(norm))
@@ -433,8 +408,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
             if i in state_dict["state"]:
-                device = _local(p).device
-                self.state[p] = {k: v.to(device) if torch.is_tensor(v) else v
+                self.state[p] = {k: v.to(_local(p).device) if torch.is_tensor(v) else v
                                  for k, v in state_dict["state"][i].items()}
         fused = state_dict["fused"]
         self.steps, self.loss_scale, self._clean_steps = fused["steps"], fused["loss_scale"], fused["clean_steps"]
@@ -443,16 +417,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
 class LOMO(_FusedOptimizer):
     """LOMO: SGD fused into the backward pass (Lv et al. 2023, Sec. 3.2, Algorithm 1).
 
-    Per parameter:  p <- p * (1 - lr * weight_decay) - lr * g   (decoupled weight decay; for plain SGD without
-    momentum this equals torch.optim.SGD's weight_decay), where g is the gradient after unscaling (fp16),
-    clamping to +-clip_grad_value, then scaling by min(1, clip_grad_norm / (||g|| + 1e-6)) (Sec. 3.3.1), with
-    ||g|| the global norm of all gradients (clip_grad_norm_scope="global", a check pass) or the parameter's own
-    norm (clip_grad_norm_scope="tensor": grouped norm clipping, one pass; the paper's Sec. 3.3.1 discussion).
-
-    16-bit parameters are updated in fp32 arithmetic and rounded once, without an fp32 copy of the weight on
-    the GPU; bf16 can round stochastically (`stochastic_rounding=True`). fp16 parameters use dynamic loss scaling
-    (Sec. 3.3.2): an overflow skips the whole step and halves `loss_scale`; after `loss_scale_window` clean steps
-    it doubles again.
+    Per parameter:  p <- p * (1 - lr * weight_decay) - lr * g  (decoupled weight decay: for SGD without momentum,
+    the same as torch.optim.SGD's), where g is the gradient unscaled (fp16), clamped to +-clip_grad_value, then
+    scaled by min(1, clip_grad_norm / (||g|| + 1e-6)) (Sec. 3.3.1), ||g|| being the global norm of all gradients
+    (clip_grad_norm_scope="global": a check pass) or the parameter's own ("tensor": grouped norm clipping, one
+    pass; the paper's Sec. 3.3.1 discussion). 16-bit parameters are updated in fp32 arithmetic and rounded once,
+    without an fp32 copy of the weight on the GPU; bf16 can round stochastically (`stochastic_rounding=True`).
+    fp16 parameters use dynamic loss scaling (Sec. 3.3.2): an overflow skips the whole step and halves
+    `loss_scale`; `loss_scale_window` clean steps double it again.
     """
 
     def __init__(self, params, lr, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
@@ -488,22 +460,19 @@ class AdaLomo(_FusedOptimizer):
         W <- W * (1 - step * weight_decay) - step * u
     As in the official code, weight decay is scaled by the relative step size, not by lr alone.
 
-    Computed in two reads of g, in chunks of rows: the first gathers R, the column sums of g^2, the column sums
-    of g^2 / R (which give sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j without forming u) and sum(W^2);
-    the second applies W <- W * decay - (g * a_i) * b_j with per-row a and per-column b. With `process_group`,
-    W is a row shard: the column statistics, sum(R), sum(u^2) and sum(W^2) are all-reduced over the group in one
-    collective per parameter, so sharded training gives the unsharded result. Gradient clipping, fp16 loss
-    scaling and the check pass work as in `LOMO`.
+    Two reads of g, in chunks of rows: the first gathers R, the column sums of g^2 and of g^2 / R (which give
+    sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j without forming u) and sum(W^2); the second applies
+    W <- W * decay - (g * a_i) * b_j (per-row a, per-column b). With `process_group`, W is a row shard: the column
+    statistics, sum(R), sum(u^2) and sum(W^2) are all-reduced in one collective per parameter, so sharded training
+    gives the unsharded result. Clipping, fp16 loss scaling and the check pass work as in `LOMO`.
     """
 
     def __init__(self, params, lr, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, weight_decay=0.0,
                  clip_grad_norm=None, clip_grad_value=None, check_finite=False, loss_scale=2.0 ** 16,
                  loss_scale_window=1000, stochastic_rounding=False, process_group=None,
                  clip_grad_norm_scope="global"):
-        if not clip_threshold > 0:
-            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
-        if not decay_rate < 0:
-            raise ValueError(f"decay_rate must be < 0 (beta_t = 1 - t ** decay_rate), got {decay_rate}")
+        _require(clip_threshold > 0, "clip_threshold", clip_threshold, "> 0")
+        _require(decay_rate < 0, "decay_rate", decay_rate, "< 0 (beta_t = 1 - t ** decay_rate)")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm, clip_grad_value, check_finite, loss_scale,
