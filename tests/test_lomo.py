@@ -45,6 +45,15 @@ def loss_fn(model, x, y):
     return (model(x).float() - y).pow(2).mean()
 
 
+def backward_both(opt, model, ref, seed=1):
+    """One fused step of `opt` on `model`, and a plain backward pass of the same batch on its copy `ref`, whose
+    reference optimizer the caller then steps. Returns the StepInfo."""
+    x, y = make_data(seed=seed)
+    info = opt.fused_backward(loss_fn(model, x, y))
+    loss_fn(ref, x, y).backward()
+    return info
+
+
 def assert_params_close(a, b, atol):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=name)
@@ -60,9 +69,7 @@ def test_lomo_equals_sgd(kw):
     sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1,
                           weight_decay=kw.get("weight_decay", 0.0))
     for step in range(5):
-        x, y = make_data(seed=step)
-        info = opt.fused_backward(loss_fn(model, x, y))
-        loss_fn(ref, x, y).backward()
+        info = backward_both(opt, model, ref, step)
         if "clip_grad_value" in kw:
             torch.nn.utils.clip_grad_value_(ref.parameters(), kw["clip_grad_value"])
         if "clip_grad_norm" in kw:
@@ -86,9 +93,7 @@ def test_scheduler_drives_lr_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for step in range(4):
-            x, y = make_data(seed=step)
-            opt.fused_backward(loss_fn(model, x, y))
-            loss_fn(ref, x, y).backward()
+            backward_both(opt, model, ref, step)
             sgd.step()
             sgd.zero_grad()
             sched.step()
@@ -126,9 +131,7 @@ def test_adalomo_equals_unfused_reference(kw):
     params = [p for p in ref.parameters() if p.requires_grad]
     states = [{} for _ in params]
     for step in range(1, 5):
-        x, y = make_data(seed=step)
-        info = opt.fused_backward(loss_fn(model, x, y))
-        loss_fn(ref, x, y).backward()
+        info = backward_both(opt, model, ref, step)
         norm = torch.stack([p.grad.norm() for p in params]).norm().item()
         assert info.grad_norm == pytest.approx(norm, rel=1e-5)  # single pass: from AdaLomo's own statistics
         if "clip_grad_norm" in kw:
@@ -559,9 +562,7 @@ def test_tensor_scope_clipping_equals_clip_grad_norm_per_parameter_then_sgd(kw):
     params = [p for p in ref.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(params, lr=0.1, weight_decay=kw.get("weight_decay", 0.0))
     for step in range(5):
-        x, y = make_data(seed=step)
-        info = opt.fused_backward(loss_fn(model, x, y))
-        loss_fn(ref, x, y).backward()
+        info = backward_both(opt, model, ref, step)
         if "clip_grad_value" in kw:
             torch.nn.utils.clip_grad_value_(params, kw["clip_grad_value"])
         assert info.grad_norm == pytest.approx(torch.stack([p.grad.norm() for p in params]).norm().item(), rel=1e-5)
@@ -580,9 +581,7 @@ def test_adalomo_tensor_scope_clipping_equals_unfused_reference():
     params = [p for p in ref.parameters() if p.requires_grad]
     states = [{} for _ in params]
     for step in range(1, 5):
-        x, y = make_data(seed=step)
-        opt.fused_backward(loss_fn(model, x, y))
-        loss_fn(ref, x, y).backward()
+        backward_both(opt, model, ref, step)
         for p in params:
             torch.nn.utils.clip_grad_norm_([p], 0.05)
         with torch.no_grad():
@@ -603,9 +602,7 @@ def test_parameter_unfrozen_after_construction_is_trained_like_sgd():
     model.frozen.requires_grad_(True)
     ref.frozen.requires_grad_(True)
     for step in range(3):
-        x, y = make_data(seed=step)
-        opt.fused_backward(loss_fn(model, x, y))
-        loss_fn(ref, x, y).backward()
+        backward_both(opt, model, ref, step)
         sgd.step()
         sgd.zero_grad()
     assert model.frozen.grad is None and not torch.equal(model.frozen, TiedNet().frozen)
@@ -658,13 +655,11 @@ def test_second_optimizer_over_the_same_parameters_takes_them_over():
     old = LOMO(model.parameters(), lr=0.1)
     new = LOMO(model.parameters(), lr=0.1)  # e.g. rebuilt to resume; `old` is still referenced
     sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
-    x, y = make_data()
-    new.fused_backward(loss_fn(model, x, y))
-    loss_fn(ref, x, y).backward()
+    backward_both(new, model, ref)
     sgd.step()
     assert_params_close(model, ref, atol=1e-6)  # updated once, not twice
     with pytest.raises(RuntimeError, match="newer"):
-        old.fused_backward(loss_fn(model, x, y))
+        old.fused_backward(loss_fn(model, *make_data()))
 
 
 def test_remove_hooks_detaches_the_optimizer():
