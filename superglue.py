@@ -12,7 +12,7 @@ import string
 import tempfile
 import zipfile
 
-from data import YES_NO, Example, read_jsonl, text_field as _text
+from data import YES_NO, Example, get_field as _get, read_jsonl, text_field as _text
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 DIAGNOSTICS = ("axb", "axg")  # AX-b (broad coverage) and AX-g (Winogender): test-only, predicted by the RTE model
@@ -34,12 +34,6 @@ def check_task(task: str) -> str:
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     return name
-
-
-def _get(record: dict, key: str, where: str):
-    if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return record[key]
 
 
 def _label(value, mapping: dict, where: str) -> int:
