@@ -278,18 +278,18 @@ def write_predictions(task: str, examples: list[Example], predictions: list[int]
     else:
         rows = [{"idx": int(ex.idx) if str(ex.idx).isdigit() else ex.idx, "label": SUBMISSION_LABELS[task][p]}
                 for ex, p in zip(examples, predictions)]
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{TASK_DIRS[task]}.jsonl")
-    _write_atomically(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
+    _write_atomically(path, lambda f: f.writelines((json.dumps(row) + "\n").encode() for row in rows))
     return path
 
 
 def _write_atomically(path: str, write) -> None:
-    """write(file) into a temporary file beside `path`, then rename it to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """write(binary file) into a temporary file beside `path`, then rename it to `path`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -318,16 +318,12 @@ def pack_submission(folder: str, zip_path: str) -> str:
                 raise ValueError(f"{path}, line {line_no}: not a prediction (no 'idx'); was it written by --predict?")
     if os.path.exists(zip_path):
         raise FileExistsError(f"{zip_path} exists; remove it or name another --output")
-    tmp = zip_path + ".tmp"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+
+    def write_zip(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
             for name in SUBMISSION_FILES:
                 archive.write(os.path.join(folder, name), arcname=name)
-        os.replace(tmp, zip_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomically(zip_path, write_zip)
     return zip_path
 
 
