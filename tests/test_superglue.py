@@ -354,10 +354,8 @@ def test_rte_predicts_the_diagnostics(tmp_path, tok_path, capsys):
     assert sorted(os.listdir(tmp_path / "out2")) == ["AX-b.jsonl", "RTE.jsonl", "metrics.jsonl"]
 
 
-def test_real_diagnostics_take_the_rte_prompt():
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
-    diagnostics = superglue.load_diagnostics(REAL_SUPERGLUE)
+def test_real_diagnostics_take_the_rte_prompt(real_superglue):
+    diagnostics = superglue.load_diagnostics(real_superglue)
     for name, (premise, hypothesis) in (("axb", ("sentence1", "sentence2")), ("axg", ("premise", "hypothesis"))):
         raw = raw_records(name, None)
         template = "{}\nDoes this mean that \"{}\" is true? Yes or No?\nAnswer: "
@@ -505,11 +503,9 @@ EXPECTED_GOLD = {  # raw record -> gold candidate index, written independently o
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_real_superglue_files(real_tok, split):
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
+def test_real_superglue_files(real_tok, real_superglue, split):
     for task in superglue.TASKS:
-        examples, raw = superglue.load_task(task, REAL_SUPERGLUE, split), raw_records(task, split)
+        examples, raw = superglue.load_task(task, real_superglue, split), raw_records(task, split)
         if task in EXPECTED_GOLD:
             assert [ex.gold for ex in examples] == [EXPECTED_GOLD[task](r) for r in raw]
             assert [ex.idx for ex in examples] == [r["idx"] for r in raw]
@@ -526,20 +522,18 @@ def test_real_superglue_files(real_tok, split):
             for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 256), ex.candidates):
                 assert len(ids) <= 256 and answer_part(real_tok, ids, labels) == answer
     if split == "val":  # "Morgan" and "Tracy Morgan" are both gold: "Morgan" sorts first and stays a candidate
-        tracy = superglue.load_task("record", REAL_SUPERGLUE, "val")[0]
+        tracy = superglue.load_task("record", real_superglue, "val")[0]
         assert tracy.answers == ["Morgan", "Tracy Morgan"] and tracy.candidates[tracy.gold] == "Morgan"
         assert "Tracy Morgan" not in tracy.candidates
 
 
-def test_real_files_are_encoded_as_the_official_code_does(real_tok):
+def test_real_files_are_encoded_as_the_official_code_does(real_tok, real_superglue):
     """Every candidate of every real example, passage uncut: the label mask of OpenLMLab/LOMO's _tokenize_fn,
     labels[:len(tokenizer.encode(source)) - 1], which scores ReCoRD's lone '▁' before "3-D" and the like."""
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
     lone = 0
     for task in superglue.TASKS:
         for split in ("train", "val"):
-            for ex in superglue.load_task(task, REAL_SUPERGLUE, split)[:100]:  # MultiRC has 7,303
+            for ex in superglue.load_task(task, real_superglue, split)[:100]:  # MultiRC has 7,303
                 n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1
                 for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 4096), ex.candidates):
                     assert ids == real_tok.encode(ex.prompt + answer, bos=True, eos=True)
