@@ -285,10 +285,14 @@ def write_predictions(task: str, examples: list[Example], predictions: list[int]
 
 
 def _write_atomically(path: str, write) -> None:
-    """write(binary file) into a temporary file beside `path`, then rename it to `path`."""
+    """write(binary file) into a temporary file beside `path`, then rename it to `path`. The file gets the
+    permissions that a plain open() gives (mkstemp makes it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -2,6 +2,7 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
 import sys
 import zipfile
@@ -385,6 +386,18 @@ def test_pack_submission_needs_all_ten_files(tmp_path):
     with pytest.raises(FileExistsError, match="preds.zip exists"):  # never overwritten
         superglue.pack_submission(str(folder), str(tmp_path / "preds.zip"))
     assert sorted(os.listdir(tmp_path)) == ["preds", "preds.zip"]
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """The temporary file behind an atomic write is made 0600; the result must not keep that mode."""
+    umask = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        path = superglue.write_predictions("cb", [data.Example("cb", 0, "", "", "p", ["a", "b", "c"], 0)], [1], str(tmp_path))
+        assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
