@@ -67,11 +67,16 @@ def read_jsonl(path: str):
                 raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
 
 
-def text_field(record: dict, key: str, where: str) -> str:
-    """record[key], which must be text; ValueError naming the place and the field otherwise."""
+def get_field(record: dict, key: str, where: str):
+    """record[key]; ValueError naming the place and the field when `record` is no object or lacks it."""
     if not isinstance(record, dict) or key not in record:
         raise ValueError(f"{where}: missing field {key!r}")
-    return check_text(record[key], f"field {key!r}", where)
+    return record[key]
+
+
+def text_field(record: dict, key: str, where: str) -> str:
+    """record[key], which must be text; ValueError naming the place and the field otherwise."""
+    return check_text(get_field(record, key, where), f"field {key!r}", where)
 
 
 def check_text(text, what: str, where: str) -> str:

@@ -12,7 +12,7 @@ import string
 import tempfile
 import zipfile
 
-from data import YES_NO, Example, read_jsonl, text_field as _text
+from data import YES_NO, Example, get_field as _get, read_jsonl, text_field as _text
 
 TASKS = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
 DIAGNOSTICS = ("axb", "axg")  # AX-b (broad coverage) and AX-g (Winogender): test-only, predicted by the RTE model
@@ -34,12 +34,6 @@ def check_task(task: str) -> str:
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     return name
-
-
-def _get(record: dict, key: str, where: str):
-    if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return record[key]
 
 
 def _label(value, mapping: dict, where: str) -> int:
@@ -284,18 +278,22 @@ def write_predictions(task: str, examples: list[Example], predictions: list[int]
     else:
         rows = [{"idx": int(ex.idx) if str(ex.idx).isdigit() else ex.idx, "label": SUBMISSION_LABELS[task][p]}
                 for ex, p in zip(examples, predictions)]
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{TASK_DIRS[task]}.jsonl")
-    _write_atomically(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows))
+    _write_atomically(path, lambda f: f.writelines((json.dumps(row) + "\n").encode() for row in rows))
     return path
 
 
 def _write_atomically(path: str, write) -> None:
-    """write(file) into a temporary file beside `path`, then rename it to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """write(binary file) into a temporary file beside `path`, then rename it to `path`. The file gets the
+    permissions that a plain open() gives (mkstemp makes it 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -324,16 +322,12 @@ def pack_submission(folder: str, zip_path: str) -> str:
                 raise ValueError(f"{path}, line {line_no}: not a prediction (no 'idx'); was it written by --predict?")
     if os.path.exists(zip_path):
         raise FileExistsError(f"{zip_path} exists; remove it or name another --output")
-    tmp = zip_path + ".tmp"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+
+    def write_zip(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
             for name in SUBMISSION_FILES:
                 archive.write(os.path.join(folder, name), arcname=name)
-        os.replace(tmp, zip_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomically(zip_path, write_zip)
     return zip_path
 
 

@@ -52,6 +52,8 @@ class HFTokenizer:
     transformers, special tokens written in the text (a chat template) are read as special tokens."""
 
     def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
             import tokenizers
         except ImportError:
@@ -138,11 +140,7 @@ def open_tokenizer(path: str) -> Tokenizer:
         if found is None:
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
         path = found
-    if path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return HFTokenizer(path)
-    return SentencePieceTokenizer(path)
+    return HFTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
 
 
 def train_tokenizer(texts: list[str], model_prefix: str, vocab_size: int) -> str:

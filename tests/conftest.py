@@ -35,6 +35,13 @@ def real_tok():
     return open_tokenizer(REAL_TOKENIZER)
 
 
+@pytest.fixture(scope="session")
+def real_superglue():
+    if not os.path.isdir(REAL_SUPERGLUE):
+        pytest.skip("../shared/realdata/superglue is absent")
+    return REAL_SUPERGLUE
+
+
 def answer_part(tok, ids, labels):
     """Text of the unmasked tokens before the final EOS."""
     assert labels[-1] == ids[-1] == tok.eos_id

@@ -2,7 +2,6 @@
 log-likelihood computed here one sequence at a time (no batching, no padding), for every model kind that
 train.evaluate() runs (plain, tied, both own shard units, FSDP2; 2 and 3 ranks), and against transformers."""
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import data
 import model
 import superglue
 import train
-from conftest import REAL_SUPERGLUE
 from dist_utils import run_workers
 from tokenizer import open_tokenizer
 
@@ -77,11 +75,9 @@ def test_bf16_scores_on_cpu_match_the_reference(tok):
     torch.testing.assert_close(torch.tensor(sum(scores, [])), torch.tensor(sum(expected, [])), atol=0.1, rtol=0.01)
 
 
-def test_real_tokenizer_and_superglue_lines(real_tok):
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
+def test_real_tokenizer_and_superglue_lines(real_tok, real_superglue):
     examples = [ex for task in ("cb", "boolq", "copa", "record", "wsc")
-                for ex in superglue.load_task(task, REAL_SUPERGLUE, "val")[:3]]
+                for ex in superglue.load_task(task, real_superglue, "val")[:3]]
     net = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=real_tok.n_words,
                                             multiple_of=32))
     model.init_weights(net, std=0.2)

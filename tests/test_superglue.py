@@ -2,6 +2,7 @@ import json
 import os
 import random
 import re
+import stat
 import subprocess
 import sys
 import zipfile
@@ -121,6 +122,14 @@ def write_jsonl(path, records, final_newline=True):
         f.write("\n".join(json.dumps(r) for r in records) + "\n" * final_newline)
 
 
+def load_lines(folder, task, lines):
+    """superglue.load_task(task, folder, "train") of a train.jsonl holding `lines` (text or bytes)."""
+    path = folder / superglue.TASK_DIRS[task] / "train.jsonl"
+    os.makedirs(path.parent, exist_ok=True)
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
+    return superglue.load_task(task, str(folder), "train")
+
+
 @pytest.fixture(scope="module")
 def sg_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("superglue")
@@ -174,71 +183,61 @@ def test_bad_input_errors(sg_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(str(tmp_path), "nope", "BoolQ", "train.jsonl"))):
         superglue.load_task("boolq", str(tmp_path / "nope"), "train")
 
-    def load_lines(task, lines):
-        path = tmp_path / task / superglue.TASK_DIRS[task] / "train.jsonl"
-        os.makedirs(path.parent, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in lines))
-        return lambda: superglue.load_task(task, str(tmp_path / task), "train")
-
     good = json.dumps(FIXTURES["boolq"][0][0])
     with pytest.raises(ValueError, match=r"BoolQ.train\.jsonl, line 2: malformed JSON"):
-        load_lines("boolq", [good, '{"question": "x", '])()
+        load_lines(tmp_path, "boolq", [good, '{"question": "x", '])
     with pytest.raises(ValueError, match=r"train\.jsonl, line 1: missing field 'question'"):
-        load_lines("boolq", [json.dumps({"passage": "p", "idx": 0, "label": True})])()
+        load_lines(tmp_path, "boolq", [json.dumps({"passage": "p", "idx": 0, "label": True})])
     with pytest.raises(ValueError, match=r"line 1: missing field 'label'"):  # train/val must be labelled
-        load_lines("boolq", [json.dumps({"passage": "p", "question": "q", "idx": 0})])()
+        load_lines(tmp_path, "boolq", [json.dumps({"passage": "p", "question": "q", "idx": 0})])
     record = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
     del record["passage"]["questions"][1]["answers"][0]["text"]
     with pytest.raises(ValueError, match=r"line 1, passage.questions\[1\].answers\[0\]: missing field 'text'"):
-        load_lines("multirc", [json.dumps(record)])()
+        load_lines(tmp_path, "multirc", [json.dumps(record)])
     with pytest.raises(ValueError, match=r"label 'maybe' out of range"):
-        load_lines("cb", [json.dumps(dict(FIXTURES["cb"][0][0], label="maybe"))])()
+        load_lines(tmp_path, "cb", [json.dumps(dict(FIXTURES["cb"][0][0], label="maybe"))])
     with pytest.raises(ValueError, match=r"label 2 out of range"):
-        load_lines("copa", [json.dumps(dict(FIXTURES["copa"][0][0], label=2))])()
+        load_lines(tmp_path, "copa", [json.dumps(dict(FIXTURES["copa"][0][0], label=2))])
     record = json.loads(json.dumps(FIXTURES["record"][0][0]))
     record["passage"]["entities"][0]["end"] = 10_000
     with pytest.raises(ValueError, match=r"entities\[0\]: span \[0, 10000\]"):
-        load_lines("record", [json.dumps(record)])()
-
+        load_lines(tmp_path, "record", [json.dumps(record)])
 
 
 def test_bad_data_is_named_by_file_and_line(tmp_path):
     """Invalid UTF-8, null or non-string text, a duplicate idx, a lone surrogate: one clear line naming the file,
     the line and the field, before any tokenizer sees the text."""
-    def load(task, lines):
-        path = tmp_path / superglue.TASK_DIRS[task] / "train.jsonl"
-        os.makedirs(path.parent, exist_ok=True)
-        path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
-        return superglue.load_task(task, str(tmp_path), "train")
-
     good = FIXTURES["boolq"][0][0]
     where = re.escape(os.path.join(str(tmp_path), "BoolQ", "train.jsonl")) + ", line 2: "
     with pytest.raises(ValueError, match=where + r"not valid UTF-8 \(byte 0xe9 at column 18\)"):
-        load("boolq", [json.dumps(good), b'{"question": "caf\xe9", "passage": "p", "idx": 1, "label": true}'])
+        load_lines(tmp_path, "boolq",
+                   [json.dumps(good), b'{"question": "caf\xe9", "passage": "p", "idx": 1, "label": true}'])
     with pytest.raises(ValueError, match=where + "field 'question' is null; it must be text"):
-        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1, question=None))])
+        load_lines(tmp_path, "boolq", [json.dumps(good), json.dumps(dict(good, idx=1, question=None))])
     with pytest.raises(ValueError, match=where + "field 'passage' is 3; it must be text"):
-        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1, passage=3))])
+        load_lines(tmp_path, "boolq", [json.dumps(good), json.dumps(dict(good, idx=1, passage=3))])
     with pytest.raises(ValueError, match=where + r"duplicate idx 0 \(first on line 1\)"):
-        load("boolq", [json.dumps(good), json.dumps(good)])
+        load_lines(tmp_path, "boolq", [json.dumps(good), json.dumps(good)])
     with pytest.raises(ValueError, match=where + r"field 'question' holds a lone surrogate '\\ud83d' at character 4"):
-        load("boolq", [json.dumps(good), json.dumps(dict(good, idx=1)).replace('"is the', '"is \\ud83d the')])
+        load_lines(tmp_path, "boolq",
+                   [json.dumps(good), json.dumps(dict(good, idx=1)).replace('"is the', '"is \\ud83d the')])
     record = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
     record["passage"]["questions"][1]["answers"][0]["text"] = 7
     with pytest.raises(ValueError, match=r"line 1, passage.questions\[1\].answers\[0\]: field 'text' is 7"):
-        load("multirc", [json.dumps(record)])
+        load_lines(tmp_path, "multirc", [json.dumps(record)])
     second = json.loads(json.dumps(FIXTURES["multirc"][0][0]))
     second["passage"]["questions"] = second["passage"]["questions"][:1]  # the same paragraph, question, answer ids
     with pytest.raises(ValueError, match=r"line 2: duplicate idx \{'paragraph': 0, 'question': 0, 'answer': 0\}"):
-        load("multirc", [json.dumps(FIXTURES["multirc"][0][0]), json.dumps(second)])
+        load_lines(tmp_path, "multirc", [json.dumps(FIXTURES["multirc"][0][0]), json.dumps(second)])
     record = json.loads(json.dumps(FIXTURES["record"][0][0]))
     record["qas"][1]["idx"] = 0
     with pytest.raises(ValueError, match=r"line 1: duplicate idx \{'passage': 0, 'query': 0\}"):
-        load("record", [json.dumps(record)])
+        load_lines(tmp_path, "record", [json.dumps(record)])
     record["qas"][1].update(idx=1, query=None)
     with pytest.raises(ValueError, match=r"line 1, qas\[1\]: field 'query' is null"):
-        load("record", [json.dumps(record)])
-    assert [ex.idx for ex in load("boolq", [b"\xef\xbb\xbf" + json.dumps(good).encode()])] == [0]  # a BOM is fine
+        load_lines(tmp_path, "record", [json.dumps(record)])
+    bom = load_lines(tmp_path, "boolq", [b"\xef\xbb\xbf" + json.dumps(good).encode()])
+    assert [ex.idx for ex in bom] == [0]  # a BOM is fine
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -354,10 +353,8 @@ def test_rte_predicts_the_diagnostics(tmp_path, tok_path, capsys):
     assert sorted(os.listdir(tmp_path / "out2")) == ["AX-b.jsonl", "RTE.jsonl", "metrics.jsonl"]
 
 
-def test_real_diagnostics_take_the_rte_prompt():
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
-    diagnostics = superglue.load_diagnostics(REAL_SUPERGLUE)
+def test_real_diagnostics_take_the_rte_prompt(real_superglue):
+    diagnostics = superglue.load_diagnostics(real_superglue)
     for name, (premise, hypothesis) in (("axb", ("sentence1", "sentence2")), ("axg", ("premise", "hypothesis"))):
         raw = raw_records(name, None)
         template = "{}\nDoes this mean that \"{}\" is true? Yes or No?\nAnswer: "
@@ -389,6 +386,18 @@ def test_pack_submission_needs_all_ten_files(tmp_path):
     with pytest.raises(FileExistsError, match="preds.zip exists"):  # never overwritten
         superglue.pack_submission(str(folder), str(tmp_path / "preds.zip"))
     assert sorted(os.listdir(tmp_path)) == ["preds", "preds.zip"]
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """The temporary file behind an atomic write is made 0600; the result must not keep that mode."""
+    umask = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        path = superglue.write_predictions("cb", [data.Example("cb", 0, "", "", "p", ["a", "b", "c"], 0)], [1], str(tmp_path))
+        assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -505,11 +514,9 @@ EXPECTED_GOLD = {  # raw record -> gold candidate index, written independently o
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_real_superglue_files(real_tok, split):
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
+def test_real_superglue_files(real_tok, real_superglue, split):
     for task in superglue.TASKS:
-        examples, raw = superglue.load_task(task, REAL_SUPERGLUE, split), raw_records(task, split)
+        examples, raw = superglue.load_task(task, real_superglue, split), raw_records(task, split)
         if task in EXPECTED_GOLD:
             assert [ex.gold for ex in examples] == [EXPECTED_GOLD[task](r) for r in raw]
             assert [ex.idx for ex in examples] == [r["idx"] for r in raw]
@@ -526,20 +533,18 @@ def test_real_superglue_files(real_tok, split):
             for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 256), ex.candidates):
                 assert len(ids) <= 256 and answer_part(real_tok, ids, labels) == answer
     if split == "val":  # "Morgan" and "Tracy Morgan" are both gold: "Morgan" sorts first and stays a candidate
-        tracy = superglue.load_task("record", REAL_SUPERGLUE, "val")[0]
+        tracy = superglue.load_task("record", real_superglue, "val")[0]
         assert tracy.answers == ["Morgan", "Tracy Morgan"] and tracy.candidates[tracy.gold] == "Morgan"
         assert "Tracy Morgan" not in tracy.candidates
 
 
-def test_real_files_are_encoded_as_the_official_code_does(real_tok):
+def test_real_files_are_encoded_as_the_official_code_does(real_tok, real_superglue):
     """Every candidate of every real example, passage uncut: the label mask of OpenLMLab/LOMO's _tokenize_fn,
     labels[:len(tokenizer.encode(source)) - 1], which scores ReCoRD's lone '▁' before "3-D" and the like."""
-    if not os.path.isdir(REAL_SUPERGLUE):
-        pytest.skip("../shared/realdata/superglue is absent")
     lone = 0
     for task in superglue.TASKS:
         for split in ("train", "val"):
-            for ex in superglue.load_task(task, REAL_SUPERGLUE, split)[:100]:  # MultiRC has 7,303
+            for ex in superglue.load_task(task, real_superglue, split)[:100]:  # MultiRC has 7,303
                 n = len(real_tok.encode(ex.prompt, bos=True, eos=False)) - 1
                 for (ids, labels), answer in zip(data.encode_candidates(real_tok, ex, 4096), ex.candidates):
                     assert ids == real_tok.encode(ex.prompt + answer, bos=True, eos=True)

@@ -15,8 +15,9 @@ from tokenizer import open_tokenizer
 
 
 def test_tokenizer_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.model"):
-        open_tokenizer(str(tmp_path / "missing.model"))
+    for missing in ("missing.model", "missing.json"):
+        with pytest.raises(FileNotFoundError, match=f"tokenizer .*not found: .*{missing}"):
+            open_tokenizer(str(tmp_path / missing))
     bad = tmp_path / "notes.model"
     bad.write_text("not a sentencepiece model")
     with pytest.raises(ValueError, match="notes.model is not a sentencepiece model"):
