@@ -267,6 +267,19 @@ def test_token_loss_clipping_equals_a_hand_written_masked_mean():
 
 # ------------------------------------------------------------------------------ the sharded step and dropout
 
+def sharded_tiny(backend, world, lora):
+    """tiny()'s weights sharded over the process group by `backend` ("block" or "linear": shard.py's units;
+    "fsdp2"), with `lora`'s adapters attached."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if backend == "fsdp2":
+        net = shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)
+    else:
+        net = shard.ShardedTransformer(MARGS, backend, lora=lora)
+    weights = dict(model.random_weights(MARGS, seed=0))
+    shard.load_rows(net, lambda n, rows: weights[n][rows])
+    return net
+
+
 def _local_adapter_grads(net, lora, tokens, labels, seed):
     """This rank's adapter gradients (before any all-reduce) of one forward and backward pass with dropout."""
     torch.manual_seed(seed)
@@ -279,24 +292,18 @@ def _local_adapter_grads(net, lora, tokens, labels, seed):
 def _dropout_worker(rank, world):
     """Dropout 0.3 on ALL projections: every sharded or checkpointed backward pass recomputes its block, and must
     draw the forward pass's masks again. Reference: the plain model without checkpointing, same seed, same data."""
-    from torch.distributed.device_mesh import init_device_mesh
     tokens, labels = batch(seed=rank)
     ref_lora = adapters(ALL, dropout=0.3)
     plain = tiny()
     ref_lora.attach(plain)
     want, rng = _local_adapter_grads(plain, ref_lora, tokens, labels, seed=5)
-    builds = {"checkpointed": lambda lora: tiny(checkpointing=True),
-              "own-block": lambda lora: shard.ShardedTransformer(MARGS, "block", lora=lora),
-              "own-linear": lambda lora: shard.ShardedTransformer(MARGS, "linear", lora=lora),
-              "fsdp2": lambda lora: shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)}
-    for name, build in builds.items():
+    for name in ("checkpointed", "block", "linear", "fsdp2"):
         lora = adapters(ALL, dropout=0.3)
-        net = build(lora)
         if name == "checkpointed":
+            net = tiny(checkpointing=True)
             lora.attach(net)
         else:
-            weights = dict(model.random_weights(MARGS, seed=0))
-            shard.load_rows(net, lambda n, rows: weights[n][rows])
+            net = sharded_tiny(name, world, lora)
         got, rng_after = _local_adapter_grads(net, lora, tokens, labels, seed=5)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5, msg=name)
@@ -323,8 +330,6 @@ def _sharded_steps(net, lora, flags, world, rank, steps=2):
 def _sharded_worker(rank, world):
     """LoRA + LOMO (global clipping: two backward passes) and the LoRA baseline, sharded over 2 or 3 ranks (own with
     both units, FSDP2) against one process on the whole batch: the same weights and adapters."""
-    from torch.distributed.device_mesh import init_device_mesh
-    weights = dict(model.random_weights(MARGS, seed=0))
     for flags in (["--lora-rank", "2", "--clip-grad-norm", "0.5", "--lr", "0.1"], ["--optimizer", "lora"]):
         flags = flags + ["--lora-dropout", "0", "--lora-lr", "0.01"]
         ref, ref_lora = tiny(), adapters(ALL)
@@ -332,13 +337,9 @@ def _sharded_worker(rank, world):
         if "lora" in flags:
             ref.requires_grad_(False)
         _sharded_steps(ref, ref_lora, flags, 1, 0)
-        for name in ("own-block", "own-linear", "fsdp2"):
+        for name in ("block", "linear", "fsdp2"):
             lora = adapters(ALL)
-            if name == "fsdp2":
-                net = shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)
-            else:
-                net = shard.ShardedTransformer(MARGS, name.split("-")[1], lora=lora)
-            shard.load_rows(net, lambda n, rows: weights[n][rows])
+            net = sharded_tiny(name, world, lora)
             if "lora" in flags:
                 net.requires_grad_(False)
             _sharded_steps(net, lora, flags, world, rank)
@@ -359,17 +360,13 @@ def _frozen_worker(rank, world):
     runs (for FSDP2: no NonFiniteGuard all-reduce, which follows each of its reduce-scatters); the adapters still get
     theirs."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     calls, real_scatter, real_all_reduce = [], shard.reduce_scatter, dist.all_reduce
     shard.reduce_scatter = lambda *a, **k: calls.append("reduce-scatter") or real_scatter(*a, **k)
     dist.all_reduce = lambda *a, **k: calls.append("all-reduce") or real_all_reduce(*a, **k)
     try:
         for name in ("block", "linear", "fsdp2"):
             lora = adapters()
-            if name == "fsdp2":
-                net = shard.fsdp2_transformer(MARGS, init_device_mesh("cpu", (world,)), lora=lora)
-            else:
-                net = shard.ShardedTransformer(MARGS, name, lora=lora)
+            net = sharded_tiny(name, world, lora)
             net.requires_grad_(False)  # as train.build_model does, after sharding
             tokens, labels = batch(seed=rank)
             model.cross_entropy(net(tokens), labels).backward()
@@ -391,9 +388,7 @@ def _nonfinite_worker(rank, world):
     import torch.distributed as dist
     for flags in ([], ["--clip-grad-norm", "1.0"]):
         lora = adapters()
-        net = shard.ShardedTransformer(MARGS, "block", lora=lora)
-        weights = dict(model.random_weights(MARGS, seed=0))
-        shard.load_rows(net, lambda n, rows: weights[n][rows])
+        net = sharded_tiny("block", world, lora)
         args = train.parse_args(["--lora-rank", "2", "--lora-dropout", "0"] + flags)
         opt = Optimizers(args, net, lora, world, total_steps=10)
         before = [p.clone() for p in lora.parameters()]

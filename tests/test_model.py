@@ -20,10 +20,6 @@ def random_model(args=None, seed=0):
     return m
 
 
-def same_architecture(a, b):
-    return a.architecture() == b.architecture()
-
-
 def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
