@@ -116,13 +116,18 @@ def write_failure(e: Exception, folder: Path, nbytes: int):
     return str(e) if isinstance(e, OSError) else None
 
 
+def gather_objects(obj, world: int) -> list:
+    """Every rank's `obj`, in rank order (one rank: [obj])."""
+    if world == 1:
+        return [obj]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def raise_together(message, world: int) -> None:
     """Every rank exits with the first rank's error when any rank has one, so that none waits in a collective."""
-    messages = [message]
-    if world > 1:
-        messages = [None] * world
-        dist.all_gather_object(messages, message)
-    problems = [m for m in messages if m]
+    problems = [m for m in gather_objects(message, world) if m]
     if problems:
         raise SystemExit(problems[0])
 
@@ -286,10 +291,7 @@ class RunDir:
     def _finish_save(self, failure, nbytes, final, tmp) -> None:
         """Rename the checkpoint into place once every rank has written its file; or, if any rank could not,
         remove the partial folder and exit with that rank's reason, the bytes needed and the bytes free."""
-        results = [(failure, nbytes)]
-        if self.world > 1:
-            results = [None] * self.world
-            dist.all_gather_object(results, (failure, nbytes))
+        results = gather_objects((failure, nbytes), self.world)
         failures = [f for f, _ in results if f]
         if failures:
             if self.rank == 0:

@@ -189,12 +189,7 @@ def evaluate(model, tok, examples, args, rank, world, device, desc="eval"):
     for _ in range(n_forwards - n_batches):  # dropped: the other ranks' forward passes need this rank's collectives
         logits_fn(torch.tensor([[tok.bos_id]]), torch.tensor([0]))
     bar.close()
-    gathered = [(i, s) for i, s in zip(mine, scores)]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, gathered)
-        gathered = [item for part in everyone for item in part]
-    by_index = dict(gathered)
+    by_index = {i: s for part in rundir.gather_objects(list(zip(mine, scores)), world) for i, s in part}
     return [by_index[i] for i in range(len(examples))]
 
 
