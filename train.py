@@ -230,7 +230,7 @@ def check_max_len(args, tok, margs, splits):
     for split, examples in splits.items():
         if not examples:
             continue
-        need, i = max((len(tok.encode(dataclasses.replace(ex, passage="").prompt + c, bos=True, eos=True)), i)
+        need, i = max((len(tok.encode(ex.before + ex.after + c, bos=True, eos=True)), i)  # the prompt, no passage
                       for i, ex in enumerate(examples) for c in ex.candidates)
         if need > args.max_len:
             fix = (f"pass --max-len {need} or more" if need <= margs.max_seq_len else
