@@ -19,13 +19,13 @@ OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw", "lora")
 # DEMO_GLOBAL_BATCH split over the ranks, so that any number of ranks dividing it trains the same steps.
 # --dry-run: batch 1 x 1024 tokens per rank, the setting of the 65B memory budget in the README.
 # --task jsonl (your own data): the SuperGLUE settings, on every row of the files.
-DEFAULTS = {"superglue": dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000,
-                              warmup_ratio=0.1, clip_grad_norm=1.0, max_len=1024),
-            "dry_run": dict(lr=0.03, epochs=10, batch_size=1, train_samples=1000, eval_samples=1000,
-                            warmup_ratio=0.1, clip_grad_norm=0.0, max_len=1024),  # shared/design/sharded-step.md
+SUPERGLUE = dict(lr=0.03, epochs=10, batch_size=16, train_samples=1000, eval_samples=1000, warmup_ratio=0.1,
+                 clip_grad_norm=1.0, max_len=1024)
+DEFAULTS = {"superglue": SUPERGLUE,
+            "dry_run": dict(SUPERGLUE, batch_size=1, clip_grad_norm=0.0),  # shared/design/sharded-step.md
             "synthetic": dict(lr=0.3, epochs=2, train_samples=20000, eval_samples=1000, warmup_ratio=0.0,
-                              clip_grad_norm=0.0, max_len=64)}
-DEFAULTS["jsonl"] = dict(DEFAULTS["superglue"], train_samples=None, eval_samples=None)
+                              clip_grad_norm=0.0, max_len=64),
+            "jsonl": dict(SUPERGLUE, train_samples=None, eval_samples=None)}
 # Over those, for the LoRA baseline (--optimizer lora) and LoRA + LOMO (lomo or adalomo with --lora-rank). SuperGLUE
 # and jsonl: the official LoRA runs (config/args_lomo_lora.yaml): the adapters' AdamW at 5e-4 and LOMO beside them at
 # 0.005 with clip_grad_norm 1.0, both with 5% warm-up; lora_only (the baseline) clips nothing. The demo: what makes

@@ -111,14 +111,17 @@ def read_rows(files: list, model) -> tuple[dict, list]:
             pieces = {None: saved["model"][name], **saved["state"].get(name, {})}
             for key, piece in pieces.items():
                 kind = "rows" if key is None else _kind(key, piece)
+                slots = state.setdefault(name, {}) if key is not None else None  # made when first needed
                 if kind == "whole":  # the same on every rank: take the first file's
-                    state.setdefault(name, {}).setdefault(key, piece.clone() if torch.is_tensor(piece) else piece)
+                    if key not in slots:
+                        slots[key] = piece.clone() if torch.is_tensor(piece) else piece
                     continue
                 if key is None:
                     target = tensors[name]
                 else:
-                    target = state.setdefault(name, {}).setdefault(
-                        key, piece.new_empty((stop - start,) + tuple(piece.shape[1:])))
+                    if key not in slots:
+                        slots[key] = piece.new_empty((stop - start,) + tuple(piece.shape[1:]))
+                    target = slots[key]
                 if a < b:
                     with torch.no_grad():
                         target[a - start:b - start].copy_(piece[a - lo:b - lo])

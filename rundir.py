@@ -116,13 +116,18 @@ def write_failure(e: Exception, folder: Path, nbytes: int):
     return str(e) if isinstance(e, OSError) else None
 
 
+def gather_objects(obj, world: int) -> list:
+    """Every rank's `obj`, in rank order (one rank: [obj])."""
+    if world == 1:
+        return [obj]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def raise_together(message, world: int) -> None:
     """Every rank exits with the first rank's error when any rank has one, so that none waits in a collective."""
-    messages = [message]
-    if world > 1:
-        messages = [None] * world
-        dist.all_gather_object(messages, message)
-    problems = [m for m in messages if m]
+    problems = [m for m in gather_objects(message, world) if m]
     if problems:
         raise SystemExit(problems[0])
 
@@ -286,10 +291,7 @@ class RunDir:
     def _finish_save(self, failure, nbytes, final, tmp) -> None:
         """Rename the checkpoint into place once every rank has written its file; or, if any rank could not,
         remove the partial folder and exit with that rank's reason, the bytes needed and the bytes free."""
-        results = [(failure, nbytes)]
-        if self.world > 1:
-            results = [None] * self.world
-            dist.all_gather_object(results, (failure, nbytes))
+        results = gather_objects((failure, nbytes), self.world)
         failures = [f for f, _ in results if f]
         if failures:
             if self.rank == 0:
@@ -315,7 +317,6 @@ class RunDir:
         adapters (check() has checked that the run fits). Returns (step, position). Random state: rank r restores
         the saved rank r's; a rank beyond the saved ones seeds from (--seed, step, rank)."""
         path, problem = Path(self.args.resume), None
-        adapters = {"adapters": {}}
         try:
             if lora is not None:
                 try:
@@ -350,7 +351,7 @@ class RunDir:
         return head["step"], tuple(head["position"])
 
 
-def export(args, model, margs, rank, world, lora=None, tok=None) -> None:
+def export(args, model, margs, rank, world, lora, tok) -> None:
     """Stream the model out unit by unit through checkpoint.py's writers; only rank 0 writes. LoRA's adapters are
     merged into their weights (W + (alpha / r) B A): the export is a plain LLaMA. A write error (a full disk) on
     rank 0 stops the writing but not the gathering, so that no rank waits in a collective; then every rank exits
@@ -361,9 +362,9 @@ def export(args, model, margs, rank, world, lora=None, tok=None) -> None:
                                            for i in range(margs.n_layers)] + units
     writer = None
     if rank == 0:  # the tokenizer's files go beside the weights (not the demo's: it lived in a temporary folder)
-        files = [f for f in getattr(tok, "files", []) if os.path.isfile(f)]
+        files = [f for f in tok.files if os.path.isfile(f)]
         writer = MetaWriter(args.export, margs, extra_files=files) if args.export_format == "meta" else HFWriter(
-            args.export, margs, files, tok and {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
+            args.export, margs, files, {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
     failure, nbytes = None, plan.sizes(margs)["total"] * (4 if args.dtype == "fp32" else 2)
     try:
         for tensors in shard.full_units(model, units):

@@ -189,12 +189,7 @@ def evaluate(model, tok, examples, args, rank, world, device, desc="eval"):
     for _ in range(n_forwards - n_batches):  # dropped: the other ranks' forward passes need this rank's collectives
         logits_fn(torch.tensor([[tok.bos_id]]), torch.tensor([0]))
     bar.close()
-    gathered = [(i, s) for i, s in zip(mine, scores)]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, gathered)
-        gathered = [item for part in everyone for item in part]
-    by_index = dict(gathered)
+    by_index = {i: s for part in rundir.gather_objects(list(zip(mine, scores)), world) for i, s in part}
     return [by_index[i] for i in range(len(examples))]
 
 
@@ -235,7 +230,7 @@ def check_max_len(args, tok, margs, splits):
     for split, examples in splits.items():
         if not examples:
             continue
-        need, i = max((len(tok.encode(dataclasses.replace(ex, passage="").prompt + c, bos=True, eos=True)), i)
+        need, i = max((len(tok.encode(ex.before + ex.after + c, bos=True, eos=True)), i)  # the prompt, no passage
                       for i, ex in enumerate(examples) for c in ex.candidates)
         if need > args.max_len:
             fix = (f"pass --max-len {need} or more" if need <= margs.max_seq_len else

@@ -111,6 +111,14 @@ def test_fsdp2_equals_hand_written_sharding(runs):
         torch.testing.assert_close(pf[key], po[key], atol=1e-5, rtol=0, msg=key)
 
 
+def assert_local_rows(net, full, where):
+    """Each of this rank's tensors of `net` holds its rows of the full tensors `full` ({name: tensor})."""
+    rows = train.shard.local_rows(net)
+    for name, local in train.shard.local_tensors(net).items():
+        start, stop = rows[name]
+        assert torch.equal(local, full[name][start:stop]), (where, name)
+
+
 def _tied_worker(rank, world, argv_list, tokenizer, margs_dict):
     """Tied runs on 2 ranks, then: a tied model's random init is the same on every backend."""
     for argv in argv_list:
@@ -118,16 +126,13 @@ def _tied_worker(rank, world, argv_list, tokenizer, margs_dict):
     margs = model.ModelArgs(**margs_dict)
     reference = model.Transformer(margs)
     model.init_weights(reference, seed=7)
+    full = reference.state_dict()
     args = train.parse_args(["--tokenizer", tokenizer, "--seed", "7"])
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
         net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-        rows = train.shard.local_rows(net)
-        tensors = train.shard.local_tensors(net)
-        assert sorted(tensors) == sorted(reference.state_dict()), sharding  # no output.weight
-        for name, local in tensors.items():
-            start, stop = rows[name]
-            assert torch.equal(local, reference.state_dict()[name][start:stop]), (sharding, name)
+        assert sorted(train.shard.local_tensors(net)) == sorted(full), sharding  # no output.weight
+        assert_local_rows(net, full, sharding)
 
 
 def test_tied_model_trains_alike_on_1_and_2_ranks_and_exports(tokenizer, tmp_path):
@@ -209,14 +214,11 @@ def test_export_round_trips_in_both_formats(tokenizer, tmp_path):
 def _load_worker(rank, world, ckpt, tokenizer):
     args = train.parse_args(["--ckpt", ckpt, "--tokenizer", tokenizer])
     margs = train.model_args(args, open_tokenizer(tokenizer))
+    reference = checkpoint.load_model(ckpt).state_dict()
     for sharding in ("own", "fsdp2"):
         args.sharding = sharding
-        net = train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32)
-        reference = checkpoint.load_model(ckpt).state_dict()
-        rows = train.shard.local_rows(net)
-        for name, local in train.shard.local_tensors(net).items():
-            start, stop = rows[name]
-            assert torch.equal(local, reference[name][start:stop]), (sharding, name)
+        assert_local_rows(train.build_model(args, margs, rank, world, torch.device("cpu"), torch.float32),
+                          reference, sharding)
 
 
 def test_meta_shards_load_into_two_ranks(tokenizer, tmp_path):
