@@ -198,18 +198,16 @@ class _GatherRun(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]  # inputs, shards, replicated parameters
         inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
         train_shards = any(needs[len(inputs):len(inputs) + n_shards])
-        full = unit.gather()
+        full = {name: t.requires_grad_(train_shards) for name, t in unit.gather().items()}
         if unit.prev_unit is not None:
             unit.prev_unit.prefetch()
-        for t in full.values():
-            t.requires_grad_(train_shards)
         with torch.enable_grad(), _replayed_rng(ctx.rng, grad_out.device):
             out = functional_call(unit.module, full, tuple(inputs))
         replicated = [p for p in unit.replicated if p.requires_grad]
         wrt = [x for x in inputs if x.requires_grad] + (list(full.values()) if train_shards else []) + replicated
         grads = torch.autograd.grad(out, wrt, grad_out)
-        del out, full
         n_inputs, n_full = sum(x.requires_grad for x in inputs), len(wrt) - len(replicated)
+        del out, full, wrt  # the full weights: freed before the reduce-scatter
         input_grads, replicated_grads = iter(grads[:n_inputs]), iter(grads[n_full:])
         shard_grads = unit.reduce_scatter(list(grads[n_inputs:n_full])) if train_shards else [None] * n_shards
         return (None, None, *[next(input_grads) if x.requires_grad else None for x in inputs], *shard_grads,
