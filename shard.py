@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from lomo import _fp32_sum
 from model import Transformer, precompute_freqs_cis
 
 SHARD_UNITS = ("block", "linear")
@@ -70,7 +71,7 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def __call__(self, flat: torch.Tensor):
-        total = flat.sum(dtype=torch.float32).reshape(1)
+        total = _fp32_sum(flat).reshape(1)  # lomo.py's sum: no fp32 copy of a 16-bit buffer on the CPU
         dist.all_reduce(total, group=self.group)  # non-finite on every rank if it is on any
         poison = torch.where(torch.isfinite(total), 0.0, math.nan)  # NaN stays NaN when added: sticky
         self.poison = poison if self.poison is None else self.poison + poison

@@ -1,6 +1,6 @@
 """bench.py, bench_eval.py and measure.py: the memory tracker against known allocations, a smoke run of every
 method, and the collective bytes of the sharded run against a count made here from the shapes; shard.py's memory:
-a unit's full weights are freed before its reduce-scatter."""
+a unit's full weights are freed before its reduce-scatter, and the non-finite guard makes no fp32 copy."""
 import argparse
 import contextlib
 import dataclasses
@@ -224,3 +224,18 @@ def _sharded_command_line_worker(rank, world):
 
 def test_the_sharded_command_line_runs_on_three_ranks_and_rank_0_reports():
     run_workers(_sharded_command_line_worker, world_size=3, init=False)
+
+
+def _guard_worker(rank, world):
+    from torch.profiler import ProfilerActivity, profile
+
+    flat = torch.randn(1 << 22).to(torch.bfloat16)  # a unit's reduce-scattered gradients, 8 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        shard.NonFiniteGuard()(flat)
+    assert torch.isfinite(flat).all()
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert largest < flat.nbytes / 4, largest  # no fp32 copy of the buffer: fp32 chunks of it
+
+
+def test_the_non_finite_guard_sums_16_bit_gradients_without_an_fp32_copy():
+    run_workers(_guard_worker, world_size=2)
