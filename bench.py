@@ -34,8 +34,8 @@ import shard
 from bench_eval import EVAL_METHODS, print_eval, run_evals
 from lomo import LOMO, AdaLomo
 from lora import LoRA
-from measure import (BENCH_MODELS, DTYPES, device_name, memory_how, model_args, peak_memory, random_batch,
-                     random_model, timed)
+from flags import DTYPES
+from measure import BENCH_MODELS, device_name, memory_how, model_args, peak_memory, random_batch, random_model, timed
 from model import MODEL_NAMES, cross_entropy
 from optimizers import LORA_ADAMW, MasterAdamW, MasterSGD
 from plan import GiB, plan, sizes

@@ -12,8 +12,9 @@ import torch
 
 import data
 import superglue
+from flags import DTYPES
 from formats import hf_config
-from measure import DTYPES, device_name, memory_how, model_args, peak_memory, random_model, timed
+from measure import device_name, memory_how, model_args, peak_memory, random_model, timed
 from plan import GiB, sizes
 from tokenizer import open_tokenizer
 

@@ -16,7 +16,6 @@ from torch.utils._pytree import tree_leaves
 from model import ModelArgs, Transformer
 from plan import GiB
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The CPU default: GPT-2-small-sized LLaMA, 134M parameters. fp32, because this project's CPU (AMD EPYC, no
 # AVX512-BF16) runs bf16 matmuls 7 to 100 times slower than fp32 ones.
 BENCH_MODELS = {"small": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=2048),

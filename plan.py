@@ -15,12 +15,13 @@ PAPER_TABLE_1 = {"adamw": 102.20, "sgd": 51.99, "lomo": 14.58}  # LLaMA-7B, GiB
 def sizes(margs: ModelArgs) -> dict:
     """Element counts: the whole model (a tied weight once), its largest tensor, the largest unit of each sharding
     choice, and the tied weight (0 if untied)."""
-    shapes = {name: s.numel() for name, s in param_shapes(margs).items()}
-    block = sum(n for name, n in shapes.items() if name.startswith("layers.0."))
-    embed, head = shapes["tok_embeddings.weight"], shapes["norm.weight"] + shapes.get("output.weight", 0)
-    return {"total": sum(shapes.values()), "largest": max(shapes.values()), "tied": embed * margs.tie_embeddings,
-            "unit": {"block": max(block, embed, head), "linear": max(shapes.values())},
-            "adalomo_state": sum(s[0] + s[1] if len(s) == 2 else s[0] for s in param_shapes(margs).values())}
+    shapes = param_shapes(margs)
+    numels = {name: s.numel() for name, s in shapes.items()}
+    block = sum(n for name, n in numels.items() if name.startswith("layers.0."))
+    embed, head = numels["tok_embeddings.weight"], numels["norm.weight"] + numels.get("output.weight", 0)
+    return {"total": sum(numels.values()), "largest": max(numels.values()), "tied": embed * margs.tie_embeddings,
+            "unit": {"block": max(block, embed, head), "linear": max(numels.values())},
+            "adalomo_state": sum(s[0] + s[1] if len(s) == 2 else s[0] for s in shapes.values())}
 
 
 def lora_shapes(margs: ModelArgs, targets=("wq", "wv")) -> list:
@@ -65,7 +66,8 @@ def plan(margs, optimizer="lomo", world=1, batch=1, seq_len=1024, nbytes=2, unit
     gathered once more per backward pass, for the block's recompute. clip_grad_norm and fp16 add a pass. LoRA
     adds one all-reduce of the adapters' gradients (a ring sends twice the data); "lora" reduce-scatters nothing.
     """
-    s, P, W = sizes(margs), sizes(margs)["total"], world
+    s, W = sizes(margs), world
+    P = s["total"]
     master = 4 if nbytes < 4 else 0
     state = {"lomo": 0, "adalomo": 4 * s["adalomo_state"], "sgd": master * P, "adamw": (master + 8) * P,
              "lora": 0}[optimizer]

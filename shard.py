@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from lomo import _fp32_sum
 from model import Transformer, precompute_freqs_cis
 
 SHARD_UNITS = ("block", "linear")
@@ -70,7 +71,7 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def __call__(self, flat: torch.Tensor):
-        total = flat.sum(dtype=torch.float32).reshape(1)
+        total = _fp32_sum(flat).reshape(1)  # lomo.py's sum: no fp32 copy of a 16-bit buffer on the CPU
         dist.all_reduce(total, group=self.group)  # non-finite on every rank if it is on any
         poison = torch.where(torch.isfinite(total), 0.0, math.nan)  # NaN stays NaN when added: sticky
         self.poison = poison if self.poison is None else self.poison + poison
@@ -194,26 +195,22 @@ class _GatherRun(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         unit = ctx.unit
-        n_shards = len(unit.shards)
         needs = ctx.needs_input_grad[2:]  # inputs, shards, replicated parameters
         inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
-        train_shards = any(needs[len(inputs):len(inputs) + n_shards])
-        full = unit.gather()
+        train_shards = any(needs[len(inputs):len(inputs) + len(unit.shards)])
+        full = {name: t.requires_grad_(train_shards) for name, t in unit.gather().items()}
         if unit.prev_unit is not None:
             unit.prev_unit.prefetch()
-        for t in full.values():
-            t.requires_grad_(train_shards)
         with torch.enable_grad(), _replayed_rng(ctx.rng, grad_out.device):
             out = functional_call(unit.module, full, tuple(inputs))
-        replicated = [p for p in unit.replicated if p.requires_grad]
-        wrt = [x for x in inputs if x.requires_grad] + (list(full.values()) if train_shards else []) + replicated
-        grads = torch.autograd.grad(out, wrt, grad_out)
-        del out, full
-        n_inputs, n_full = sum(x.requires_grad for x in inputs), len(wrt) - len(replicated)
-        input_grads, replicated_grads = iter(grads[:n_inputs]), iter(grads[n_full:])
-        shard_grads = unit.reduce_scatter(list(grads[n_inputs:n_full])) if train_shards else [None] * n_shards
-        return (None, None, *[next(input_grads) if x.requires_grad else None for x in inputs], *shard_grads,
-                *[next(replicated_grads) if p.requires_grad else None for p in unit.replicated])
+        wrt = [t for t in (*inputs, *full.values(), *unit.replicated) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, grad_out))  # in the order of wrt
+        del out, full, wrt  # the full weights: freed before the reduce-scatter
+        input_grads = [next(grads) if x.requires_grad else None for x in inputs]
+        full_grads = [next(grads) for _ in unit.shards] if train_shards else None
+        replicated_grads = [next(grads) if p.requires_grad else None for p in unit.replicated]
+        shard_grads = unit.reduce_scatter(full_grads) if train_shards else [None] * len(unit.shards)
+        return (None, None, *input_grads, *shard_grads, *replicated_grads)
 
 
 class Head(nn.Module):

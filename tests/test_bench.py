@@ -1,10 +1,12 @@
 """bench.py, bench_eval.py and measure.py: the memory tracker against known allocations, a smoke run of every
-method, and the collective bytes of the sharded run against a count made here from the shapes."""
+method, and the collective bytes of the sharded run against a count made here from the shapes; shard.py's memory:
+a unit's full weights are freed before its reduce-scatter, and the non-finite guard makes no fp32 copy."""
 import argparse
 import contextlib
 import dataclasses
 import io
 import os
+import weakref
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ import torch
 import bench
 import bench_eval
 import data
+import shard
 import superglue
 from dist_utils import run_workers
-from measure import TensorMemoryTracker
-from model import param_shapes
+from measure import TensorMemoryTracker, random_batch
+from model import cross_entropy, param_shapes
 from tokenizer import open_tokenizer
 
 MINI = ["--model", "mini", "--seq-len", "16", "--warmup", "1", "--steps", "1"]
@@ -173,6 +176,40 @@ def test_sharded_collective_bytes_match_the_shapes():
     run_workers(_sharded_worker, world_size=2)
 
 
+def _full_weights_freed_worker(rank, world):
+    """Record each unit's gathered full weights by weak reference; at the unit's reduce-scatter none may be alive."""
+    unit_class, gathered, freed = shard.ShardedUnit, {}, []
+    real_gather, real_scatter = unit_class.gather, unit_class.reduce_scatter
+
+    def gather(self):
+        full = real_gather(self)
+        gathered[id(self)] = [weakref.ref(t) for t in full.values()]
+        return full
+
+    def reduce_scatter(self, grads):
+        freed.append(all(ref() is None for ref in gathered[id(self)]))
+        return real_scatter(self, grads)
+
+    unit_class.gather, unit_class.reduce_scatter = gather, reduce_scatter
+    try:
+        margs = bench.model_args("mini")
+        for unit in shard.SHARD_UNITS:
+            model = shard.ShardedTransformer(margs, unit)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0.0, 0.02)
+            tokens = random_batch(margs, 1, 16, torch.device("cpu"), rank)
+            freed.clear()
+            cross_entropy(model(tokens), tokens).backward()
+            assert freed == [True] * len(model.units()), (unit, freed)
+    finally:
+        unit_class.gather, unit_class.reduce_scatter = real_gather, real_scatter
+
+
+def test_a_units_full_weights_are_freed_before_its_reduce_scatter():
+    run_workers(_full_weights_freed_worker, world_size=2)
+
+
 def _sharded_command_line_worker(rank, world):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -187,3 +224,18 @@ def _sharded_command_line_worker(rank, world):
 
 def test_the_sharded_command_line_runs_on_three_ranks_and_rank_0_reports():
     run_workers(_sharded_command_line_worker, world_size=3, init=False)
+
+
+def _guard_worker(rank, world):
+    from torch.profiler import ProfilerActivity, profile
+
+    flat = torch.randn(1 << 22).to(torch.bfloat16)  # a unit's reduce-scattered gradients, 8 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        shard.NonFiniteGuard()(flat)
+    assert torch.isfinite(flat).all()
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert largest < flat.nbytes / 4, largest  # no fp32 copy of the buffer: fp32 chunks of it
+
+
+def test_the_non_finite_guard_sums_16_bit_gradients_without_an_fp32_copy():
+    run_workers(_guard_worker, world_size=2)
