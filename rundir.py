@@ -51,8 +51,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def run_files(folder: Path) -> list[Path]:
     """What a run of train.py writes into its folder (--overwrite deletes exactly these)."""
-    predictions = {f"{name}.jsonl" for name in superglue.TASK_DIRS.values()}
-    return sorted(p for p in folder.iterdir() if p.name == METRICS or p.name in predictions
+    return sorted(p for p in folder.iterdir() if p.name == METRICS or p.name in superglue.SUBMISSION_FILES
                   or (p.is_dir() and (p.name.startswith("step_") or p.name.startswith(".step_"))))
 
 
